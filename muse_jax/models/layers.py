@@ -1,0 +1,235 @@
+"""Transformer building blocks shared by the masked transformers and MiniLM.
+
+Every parameter is annotated with *logical* axis names (see
+`muse_jax.sharding.LOGICAL_AXES`); a rules table in the config maps them onto
+mesh axes, so the same module code runs replicated on a laptop and FSDP/tensor
+sharded on a pod. Parameters live in `param_dtype`; matmuls run in `dtype`;
+layer norms and the attention softmax always run in float32, because bf16
+statistics are where masked-token training goes unstable first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | type
+
+_NEG_INF = -1e9
+
+
+def _init(initializer, axes: Sequence[str | None]):
+  return nnx.with_partitioning(initializer, tuple(axes))
+
+
+class Einsum(nnx.Module):
+  """A weight applied by an einsum, with an optional bias over output axes.
+
+  `eqn` names the dimensions (e.g. "btd,dhk->bthk"); `shape` is the kernel
+  shape and `axes` its logical axis names. The bias, when used, covers the
+  trailing `bias_ndim` kernel dimensions.
+  """
+
+  def __init__(
+      self,
+      eqn: str,
+      shape: Sequence[int],
+      axes: Sequence[str | None],
+      *,
+      rngs: nnx.Rngs,
+      use_bias: bool = False,
+      bias_ndim: int = 1,
+      fan_in_ndim: int = 1,
+      dtype: Dtype = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
+      init_std: float | None = None,
+  ):
+    if len(shape) != len(axes):
+      raise ValueError(f"Einsum {eqn!r}: shape {shape} vs axes {axes}")
+    self.eqn = eqn
+    self.dtype = dtype
+    fan_in = math.prod(shape[:fan_in_ndim])
+    std = init_std if init_std is not None else fan_in**-0.5
+    init = nnx.initializers.truncated_normal(stddev=std)
+    self.kernel = nnx.Param(
+        _init(init, axes)(rngs.params(), tuple(shape), param_dtype)
+    )
+    self.bias = nnx.Param(
+        _init(nnx.initializers.zeros_init(), axes[-bias_ndim:])(
+            rngs.params(), tuple(shape[-bias_ndim:]), param_dtype
+        )
+    ) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum(
+        self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    )
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """A lookup table [num, features] with logical axes (`table_axis`, embed)."""
+
+  def __init__(
+      self,
+      num: int,
+      features: int,
+      *,
+      rngs: nnx.Rngs,
+      table_axis: str | None = "vocab",
+      dtype: Dtype = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
+      init_std: float = 0.02,
+  ):
+    self.dtype = dtype
+    self.num = num
+    init = nnx.initializers.truncated_normal(stddev=init_std)
+    self.embedding = nnx.Param(
+        _init(init, (table_axis, "embed"))(
+            rngs.params(), (num, features), param_dtype
+        )
+    )
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 and returned in `dtype`."""
+
+  def __init__(
+      self,
+      features: int,
+      *,
+      rngs: nnx.Rngs,
+      eps: float = 1e-6,
+      use_bias: bool = True,
+      axis_name: str = "embed",
+      dtype: Dtype = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
+  ):
+    del rngs  # Deterministic init; the argument keeps constructors uniform.
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(
+        _init(nnx.initializers.ones_init(), (axis_name,))(
+            None, (features,), param_dtype
+        )
+    )
+    self.bias = nnx.Param(
+        _init(nnx.initializers.zeros_init(), (axis_name,))(
+            None, (features,), param_dtype
+        )
+    ) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+  """Two-layer GELU MLP, d -> mlp -> d."""
+
+  def __init__(
+      self,
+      features: int,
+      hidden: int,
+      *,
+      rngs: nnx.Rngs,
+      use_bias: bool = True,
+      approximate_gelu: bool = True,
+      dtype: Dtype = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
+  ):
+    kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+    self.approximate_gelu = approximate_gelu
+    self.wi = Einsum("...d,df->...f", (features, hidden), ("embed", "mlp"), **kw)
+    self.wo = Einsum("...f,fd->...d", (hidden, features), ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(self.wi(x), approximate=self.approximate_gelu)
+    return self.wo(h)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; self-attention when `context` is None.
+
+  The query comes from `x` [B, T, D]; keys and values from `context`
+  [B, S, Dc] (or `x`). `mask` is a boolean [B, S] key-validity mask, so padded
+  text tokens and dropped (unconditional) captions are simply not attended.
+  Keys/values can be precomputed once with `kv()` and passed as `cached_kv`:
+  the sampler does this for the text, which does not change across steps.
+  """
+
+  def __init__(
+      self,
+      features: int,
+      num_heads: int,
+      *,
+      rngs: nnx.Rngs,
+      context_features: int | None = None,
+      head_dim: int | None = None,
+      use_bias: bool = True,
+      dtype: Dtype = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
+  ):
+    if head_dim is None:
+      if features % num_heads:
+        raise ValueError(
+            f"features={features} is not divisible by num_heads={num_heads}")
+      head_dim = features // num_heads
+    ctx = context_features or features
+    kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.dtype = dtype
+    self.query = Einsum(
+        "btd,dhk->bthk", (features, num_heads, head_dim),
+        ("embed", "heads", "kv"), bias_ndim=2, **kw)
+    self.key = Einsum(
+        "bsd,dhk->bshk", (ctx, num_heads, head_dim),
+        ("embed", "heads", "kv"), bias_ndim=2, **kw)
+    self.value = Einsum(
+        "bsd,dhk->bshk", (ctx, num_heads, head_dim),
+        ("embed", "heads", "kv"), bias_ndim=2, **kw)
+    self.out = Einsum(
+        "bthk,hkd->btd", (num_heads, head_dim, features),
+        ("heads", "kv", "embed"), fan_in_ndim=2, **kw)
+
+  def kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.key(context), self.value(context)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      context: jax.Array | None = None,
+      mask: jax.Array | None = None,
+      cached_kv: tuple[jax.Array, jax.Array] | None = None,
+  ) -> jax.Array:
+    q = self.query(x)
+    if cached_kv is not None:
+      k, v = cached_kv
+    else:
+      k, v = self.kv(x if context is None else context)
+    logits = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
+    logits = logits * (self.head_dim**-0.5)
+    if mask is not None:
+      logits = jnp.where(mask[:, None, None, :], logits, _NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+      # A row whose keys are all masked (a dropped caption) attends nothing.
+      weights = weights * jnp.any(mask, axis=-1)[:, None, None, None]
+    out = jnp.einsum("bhts,bshk->bthk", weights.astype(self.dtype), v)
+    return self.out(out)

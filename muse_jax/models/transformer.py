@@ -1,0 +1,210 @@
+"""Muse's masked image transformer (the base model, P§2.3).
+
+Image tokens (codebook ids, plus one [MASK] id) are embedded, given learned 2D
+positional embeddings and processed by pre-LN blocks of self-attention over
+image tokens, cross-attention to the linearly projected text embeddings, and
+an MLP. An MLP head turns each position into logits over the codebook.
+
+Layers are stacked along a leading `layers` axis and applied with
+`jax.lax.scan` (one compiled block: fast to compile, constant program size);
+`scan_layers=False` unrolls them. `remat_policy` chooses what the backward
+pass recomputes. The text keys/values of every layer can be computed once
+(`text_kv`) and reused by every decoding step (`decode`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from muse_jax import sharding
+from muse_jax.models import layers
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def dtype_from_name(name: str | Any) -> Any:
+  if not isinstance(name, str):
+    return name
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {list(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def dataclass_from_config(cls, cfg: Any, **overrides: Any):
+  """Builds frozen dataclass `cls` from a mapping, rejecting unknown keys."""
+  values = dict(cfg) if cfg is not None else {}
+  values.update(overrides)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(
+        f"unknown {cls.__name__} config key(s) {unknown}; "
+        f"valid keys: {sorted(names)}")
+  return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Sizes and numerics of a masked image transformer."""
+
+  codebook_size: int
+  grid_size: int  # image tokens per side; the sequence has grid_size**2.
+  text_dim: int  # width of the frozen text encoder's embeddings.
+  width: int = 512
+  depth: int = 8
+  num_heads: int = 8
+  mlp_dim: int = 2048
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for name in ("codebook_size", "grid_size", "text_dim", "width", "depth",
+                 "num_heads", "mlp_dim"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"TransformerConfig.{name} must be >= 1, "
+                         f"got {getattr(self, name)}")
+    if self.width % self.num_heads:
+      raise ValueError(f"TransformerConfig.width={self.width} is not "
+                       f"divisible by num_heads={self.num_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"TransformerConfig.remat_policy={self.remat_policy!r}"
+                       f" not in {sorted(REMAT_POLICIES)}")
+    dtype_from_name(self.dtype)
+    dtype_from_name(self.param_dtype)
+
+  @property
+  def mask_token_id(self) -> int:
+    return self.codebook_size
+
+  @property
+  def seq_len(self) -> int:
+    return self.grid_size**2
+
+
+class Block(nnx.Module):
+  """Pre-LN self-attention, cross-attention to text, and MLP."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype_from_name(cfg.dtype),
+              param_dtype=dtype_from_name(cfg.param_dtype))
+    d = cfg.width
+    self.norm1 = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.self_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **kw)
+    self.norm2 = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.cross_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **kw)
+    self.norm3 = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.mlp = layers.Mlp(d, cfg.mlp_dim, rngs=rngs, **kw)
+
+  def __call__(self, x, text_kv, text_mask):
+    x = x + self.self_attn(self.norm1(x))
+    x = x + self.cross_attn(self.norm2(x), mask=text_mask, cached_kv=text_kv)
+    x = x + self.mlp(self.norm3(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
+class MaskedTransformer(nnx.Module):
+  """Predicts logits over the codebook for every image-token position."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    kw = dict(dtype=dtype_from_name(cfg.dtype),
+              param_dtype=dtype_from_name(cfg.param_dtype))
+    d = cfg.width
+    # codebook_size + 1 rows rarely divide a mesh axis: rows stay unsharded.
+    self.token_embed = layers.Embed(
+        cfg.codebook_size + 1, d, rngs=rngs, table_axis=None, **kw)
+    self.pos_embed = nnx.Param(
+        nnx.with_partitioning(
+            nnx.initializers.truncated_normal(stddev=0.02),
+            ("positions", "embed"))(
+                rngs.params(), (cfg.seq_len, d), kw["param_dtype"]))
+    self.text_proj = layers.Einsum(
+        "bld,de->ble", (cfg.text_dim, d), ("text_embed", "embed"), rngs=rngs,
+        use_bias=True, **kw)
+    self.text_norm = layers.LayerNorm(d, rngs=rngs, **kw)
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = layers.LayerNorm(d, rngs=rngs, **kw)
+    # Muse's output head: an MLP from each embedding to codebook logits.
+    self.head_dense = layers.Einsum(
+        "btd,de->bte", (d, d), ("mlp", "embed"), rngs=rngs, use_bias=True,
+        **kw)
+    self.head_norm = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.head_out = layers.Einsum(
+        "bte,ev->btv", (d, cfg.codebook_size), ("embed", "vocab"), rngs=rngs,
+        use_bias=True, **kw)
+
+  def _layer_states(self):
+    return nnx.split(self.blocks)
+
+  def text_kv(self, text_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-layer cross-attention keys and values [depth, B, L, H, K] each."""
+    ctx = self.text_norm(self.text_proj(text_emb))
+    ctx = sharding.constrain(ctx, ("batch", "text_length", "act_embed"))
+    graphdef, state = self._layer_states()
+
+    def kv(layer_state):
+      return nnx.merge(graphdef, layer_state).cross_attn.kv(ctx)
+
+    if self.cfg.scan_layers:
+      return jax.lax.map(kv, state)
+    outs = [kv(jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.cfg.depth)]
+    return tuple(jnp.stack(parts) for parts in zip(*outs))
+
+  def decode(self, tokens: jax.Array, text_kv, text_mask: jax.Array
+             ) -> jax.Array:
+    """Logits [B, N, codebook] (f32) given precomputed text keys/values."""
+    if tokens.shape[-1] != self.cfg.seq_len:
+      raise ValueError(
+          f"tokens have length {tokens.shape[-1]}, the model expects "
+          f"{self.cfg.seq_len} (= grid_size**2)")
+    x = self.token_embed(tokens) + self.pos_embed[...].astype(
+        self.token_embed.dtype)
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    graphdef, state = self._layer_states()
+
+    def body(h, xs):
+      layer_state, k, v = xs
+      return nnx.merge(graphdef, layer_state)(h, (k, v), text_mask), None
+
+    policy = REMAT_POLICIES[self.cfg.remat_policy]
+    if self.cfg.remat_policy != "none":
+      body = jax.checkpoint(body, policy=policy)
+    keys, values = text_kv
+    if self.cfg.scan_layers:
+      x, _ = jax.lax.scan(body, x, (state, keys, values))
+    else:
+      for i in range(self.cfg.depth):
+        xs = jax.tree.map(lambda a, i=i: a[i], (state, keys, values))
+        x, _ = body(x, xs)
+    x = self.final_norm(x)
+    h = jax.nn.gelu(self.head_dense(x))
+    logits = self.head_out(self.head_norm(h)).astype(jnp.float32)
+    return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens: jax.Array, text_emb: jax.Array,
+               text_mask: jax.Array) -> jax.Array:
+    """Logits [B, N, codebook] for image `tokens` [B, N] given the text."""
+    return self.decode(tokens, self.text_kv(text_emb), text_mask)
