@@ -25,6 +25,7 @@ setuptools.setup(
         "safetensors>=0.8.0",
         "tokenizers>=0.23.0",
         "pillow>=10.0",
+        "scipy>=1.11",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],

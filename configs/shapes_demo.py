@@ -99,3 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.update(num_validation=8, num_heldout=8, grid_prompts=16,
                   batch_size=8)
   return c
+
+
+def sweep(add):
+  """Guidance and transformer-size sweep around the demo recipe."""
+  for scale in (1.0, 3.0, 6.0):
+    for width in (128, 192):
+      add(**{"sampling.guidance_scale": scale,
+             "transformer.model.width": width})

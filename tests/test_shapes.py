@@ -9,7 +9,8 @@ import pytest
 from muse_jax.data import shapes
 from muse_jax.evaluation import shapes_scorer
 
-_HELDOUT_WORDS = re.compile(r"\b(purple circle|orange square|cyan triangle)s?\b")
+_HELDOUT_WORDS = re.compile(
+    r"\b(purple circle|orange square|cyan triangle)s?\b")
 
 
 def _scenes(split, n, seed=0):

@@ -144,7 +144,8 @@ def _center_range(size: str) -> np.ndarray:
   half = SIZE_DIAMETER[size] / 2
   ks = np.arange(GRID + 1)
   pos = ks / GRID
-  ok = (pos - half >= MIN_BORDER_GAP - 1e-9) & (pos + half <= 1 - MIN_BORDER_GAP + 1e-9)
+  ok = ((pos - half >= MIN_BORDER_GAP - 1e-9) &
+        (pos + half <= 1 - MIN_BORDER_GAP + 1e-9))
   return ks[ok]
 
 
@@ -166,10 +167,13 @@ def _candidates(size: str) -> np.ndarray:
 _CANDIDATES = {s: _candidates(s) for s in SIZES}
 
 
-def _place(rng: np.random.Generator, specs: Sequence[tuple[str, str, str]],
-           placed: Sequence[SceneObject] = ()) -> list[SceneObject] | None:
-  """Places (shape, colour, size) specs at free grid positions, or None."""
-  objects = list(placed)
+def _place(rng: np.random.Generator, specs: Sequence[tuple[str, str, str]]
+           ) -> list[SceneObject] | None:
+  """Places (shape, colour, size) specs at random free grid positions.
+
+  Returns None when an object finds no free position (the caller resamples).
+  """
+  objects = []
   for shape, color, size in specs:
     cands = _CANDIDATES[size]
     ok = np.ones(len(cands), bool)
@@ -324,7 +328,8 @@ def object_coverage(obj: SceneObject, size: int) -> np.ndarray:
 def render(scene: Scene, size: int) -> np.ndarray:
   """Renders `scene` natively at side `size`; uint8 [size, size, 3]."""
   if size not in SUPPORTED_SIZES:
-    raise ValueError(f"Unsupported size {size}; expected one of {SUPPORTED_SIZES}.")
+    raise ValueError(
+        f"Unsupported size {size}; expected one of {SUPPORTED_SIZES}.")
   bg = np.asarray(BACKGROUNDS[scene.background], np.float32)
   img = np.empty((size, size, 3), np.float32)
   img[...] = bg
@@ -444,7 +449,7 @@ def scene_from_arrays(arrays: dict[str, np.ndarray]) -> Scene:
       SceneObject(SHAPES[int(arrays["shape_ids"][i])],
                   COLOR_NAMES[int(arrays["color_ids"][i])],
                   SIZES[int(arrays["size_ids"][i])],
-                  (float(arrays["centers"][i][0]), float(arrays["centers"][i][1])))
+                  tuple(float(c) for c in arrays["centers"][i]))
       for i in range(n))
   rel = int(arrays["relation"])
   return Scene(SCENE_TYPES[int(arrays["scene_type"])],
@@ -459,7 +464,7 @@ def image_key(size: int) -> str:
 
 def example(split: str, index: int, seed: int = 0,
             sizes: Sequence[int] = (64,)) -> dict[str, object]:
-  """One example: images at each size (`image_<S>`), caption and scene arrays."""
+  """One example: images per size (`image_<S>`), caption and scene arrays."""
   scene = sample_scene(split, index, seed)
   out: dict[str, object] = {image_key(s): render(scene, s) for s in sizes}
   out["caption"] = caption(scene, _rng(split, index, seed, "caption"))

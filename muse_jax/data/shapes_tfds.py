@@ -60,7 +60,8 @@ def make_config(sizes: Sequence[int] = (64,), num_train: int = 16000,
   sizes = tuple(int(s) for s in sizes)
   for s in sizes:
     if s not in shapes.SUPPORTED_SIZES:
-      raise ValueError(f"Unsupported size {s}; expected {shapes.SUPPORTED_SIZES}.")
+      raise ValueError(
+          f"Unsupported size {s}; expected {shapes.SUPPORTED_SIZES}.")
   name = ("s" + "_".join(map(str, sizes)) +
           f"-tr{num_train}-va{num_validation}-ho{num_heldout}-seed{seed}")
   return ShapesConfig(
@@ -90,8 +91,8 @@ class ShapesCompositional(tfds.core.GeneratorBasedBuilder):
     k = shapes.MAX_OBJECTS
     int_scalar = lambda: tfds.features.Tensor(shape=(), dtype=np.int32)
     features = {
-        # Raw bytes: 10x faster to write than the default int64 list, and
-        # array_record compresses the (flat-coloured) images on disk.
+        # Raw bytes: the default int64 list triples the build time, and
+        # array_record compresses the (flat-coloured) images on disk anyway.
         shapes.image_key(s): tfds.features.Tensor(
             shape=(s, s, 3), dtype=np.uint8,
             encoding=tfds.features.Encoding.BYTES)
@@ -113,7 +114,6 @@ class ShapesCompositional(tfds.core.GeneratorBasedBuilder):
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict(features),
         disable_shuffling=True,
-        homepage="https://github.com/",
     )
 
   def _split_generators(self, dl_manager):
@@ -137,8 +137,10 @@ def build_shapes(data_dir: str, config_name: str = "s64",
 
   Args:
     data_dir: where TFDS writes the dataset.
-    config_name: a preset of `SIZE_PRESETS` (e.g. "s64", "s64_256") or a
-      full config name as produced by `make_config`.
+    config_name: the image sizes as "s<S>[_<S2>...]", e.g. "s64" (base
+      model) or "s64_256" (base + super-resolution); anything after a "-"
+      (as in full config names) is ignored, the counts come from the
+      arguments below.
     num_train: examples in the train split.
     num_validation: examples in the validation split.
     num_heldout: examples in the heldout split.

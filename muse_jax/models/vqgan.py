@@ -68,6 +68,10 @@ class VQConfig:
       code), the ``beta`` of VQ-VAE.
     codebook_cost: Weight of the codebook loss (codes pulled toward encoder
       outputs).
+    entropy_weight: Weight of the codebook-usage entropy regularizer (0
+      disables it); see ``Quantizer``.
+    entropy_temperature: Softmax temperature over cosine similarities for the
+      entropy regularizer.
     l1_weight: Weight of the mean absolute reconstruction error.
     l2_weight: Weight of the mean squared reconstruction error.
     decoder_base_channels: Decoder base channels; ``None`` mirrors the encoder.
@@ -89,6 +93,8 @@ class VQConfig:
   num_groups: int = 32
   commitment_cost: float = 0.25
   codebook_cost: float = 1.0
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 0.01
   l1_weight: float = 1.0
   l2_weight: float = 0.0
   decoder_base_channels: int | None = None
@@ -153,10 +159,14 @@ class VQConfig:
     if not isinstance(self.codebook_size, int) or self.codebook_size < 2:
       raise ValueError('VQConfig.codebook_size must be an int >= 2, got '
                        f'{self.codebook_size!r}')
-    for name in ('commitment_cost', 'codebook_cost', 'l1_weight', 'l2_weight'):
+    for name in ('commitment_cost', 'codebook_cost', 'entropy_weight',
+                 'l1_weight', 'l2_weight'):
       if getattr(self, name) < 0:
         raise ValueError(f'VQConfig.{name} must be >= 0, got '
                          f'{getattr(self, name)!r}')
+    if self.entropy_temperature <= 0:
+      raise ValueError('VQConfig.entropy_temperature must be > 0, got '
+                       f'{self.entropy_temperature!r}')
     if self.l1_weight == 0 and self.l2_weight == 0:
       raise ValueError('VQConfig.l1_weight and VQConfig.l2_weight are both 0; '
                        'the reconstruction loss would vanish')
@@ -388,6 +398,7 @@ class Quantizer(nnx.Module):
 
   def __init__(self, cfg: VQConfig, rngs: nnx.Rngs):
     self.codebook_size = cfg.codebook_size
+    self.entropy_temperature = cfg.entropy_temperature
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), _CODEBOOK_AXES)
     self.codebook = nnx.Param(
         init(rngs.params(), (cfg.codebook_size, cfg.code_dim),
@@ -416,9 +427,20 @@ class Quantizer(nnx.Module):
         indices.reshape(-1)].add(1.0)
     probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
     entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0))
+    # Entropy regularizer (MAGVIT-v2 style) on soft assignments: each vector
+    # should be confidently assigned (low per-position entropy) while the
+    # batch as a whole spreads over the codebook (high entropy of the mean
+    # assignment). Unlike hard assignments it gives unused codes a gradient.
+    logp = jax.nn.log_softmax(sim.reshape(-1, self.codebook_size) /
+                              self.entropy_temperature, axis=-1)
+    p = jnp.exp(logp)
+    per_sample_entropy = -jnp.mean(jnp.sum(p * logp, axis=-1))
+    avg_p = jnp.mean(p, axis=0)
+    batch_entropy = -jnp.sum(avg_p * jnp.log(avg_p + 1e-9))
     aux = {
         'codebook_loss': codebook_loss,
         'commitment_loss': commitment_loss,
+        'entropy_loss': per_sample_entropy - batch_entropy,
         'perplexity': jnp.exp(entropy),
         'codebook_usage': jnp.mean((counts > 0).astype(jnp.float32)),
         'code_counts': counts,
@@ -529,6 +551,8 @@ def vq_loss_terms(model: VQModel, images: Array
     terms['l2'] = cfg.l2_weight * jnp.mean(jnp.square(diff))
   terms['codebook'] = cfg.codebook_cost * aux['codebook_loss']
   terms['commitment'] = cfg.commitment_cost * aux['commitment_loss']
+  if cfg.entropy_weight:
+    terms['entropy'] = cfg.entropy_weight * aux['entropy_loss']
   return terms, recon, aux
 
 
