@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       data_dir="",  # "" = <workdir>/data
       image_size=64,
-      num_train=20000,
+      num_train=12000,
       num_validation=1000,
       num_heldout=1000,
       seed=0,
@@ -41,38 +41,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   c.tokenizer = ml_collections.ConfigDict(dict(
+      # f = patch_size * 2**(len(channel_mult)-1) = 8: 64 px -> 8x8 tokens.
       model=dict(
+          patch_size=4,
           base_channels=32,
-          channel_mult=(1, 2, 4),
+          channel_mult=(1, 2),
           num_res_blocks=1,
-          patch_size=2,
-          codebook_size=512,
-          code_dim=16,
           num_groups=8,
+          codebook_size=512,
+          code_dim=8,
+          l1_weight=0.0,
+          l2_weight=1.0,
+          entropy_weight=0.003,
+          entropy_temperature=0.05,
       ),
-      optimizer=dict(learning_rate=2e-3, warmup_steps=100, b1=0.9, b2=0.99,
-                     weight_decay=1e-4, grad_clip_norm=1.0,
-                     end_lr_fraction=0.1),
+      optimizer=dict(learning_rate=5e-3, warmup_steps=50, b1=0.9, b2=0.99,
+                     weight_decay=0.0, grad_clip_norm=0.0,
+                     end_lr_fraction=0.05),
       loop=dict(num_steps=1500, log_every=100, checkpoint_every=500),
-      batch_size=32,
+      batch_size=16,
   ))
 
   c.transformer = ml_collections.ConfigDict(dict(
-      model=dict(width=192, depth=4, num_heads=6, mlp_dim=768,
+      model=dict(width=128, depth=4, num_heads=4, mlp_dim=512,
                  dtype="float32", param_dtype="float32", scan_layers=True,
                  remat_policy="none"),
       objective=dict(schedule="cosine", label_smoothing=0.1,
                      text_dropout=0.1),
-      optimizer=dict(learning_rate=1e-3, warmup_steps=200, b1=0.9, b2=0.96,
+      optimizer=dict(learning_rate=2e-3, warmup_steps=100, b1=0.9, b2=0.96,
                      weight_decay=0.045, grad_clip_norm=1.0,
                      end_lr_fraction=0.05),
-      loop=dict(num_steps=3000, log_every=100, checkpoint_every=500),
-      batch_size=64,
+      loop=dict(num_steps=2400, log_every=100, checkpoint_every=500),
+      batch_size=32,
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=24, schedule="cosine", guidance_scale=3.0,
-      guidance_schedule="linear", temperature=1.0, choice_temperature=4.5,
+      num_steps=24, schedule="cosine", guidance_scale=5.0,
+      guidance_schedule="linear", temperature=0.1, choice_temperature=1.0,
       top_k=0,
   ))
 
@@ -104,6 +109,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def sweep(add):
   """Guidance and transformer-size sweep around the demo recipe."""
   for scale in (1.0, 3.0, 6.0):
-    for width in (128, 192):
+    for steps in (2400, 4800):
       add(**{"sampling.guidance_scale": scale,
-             "transformer.model.width": width})
+             "transformer.loop.num_steps": steps})

@@ -60,6 +60,7 @@ class Checkpointer:
       raise CheckpointError(
           f"cannot create checkpoint directory {self.directory}: {e}") from e
     self._preempted = threading.Event()
+    self._previous_handler = None
     if handle_sigterm and threading.current_thread() is threading.main_thread():
       previous = signal.getsignal(signal.SIGTERM)
 
@@ -69,6 +70,7 @@ class Checkpointer:
         if callable(previous):
           previous(signum, frame)
 
+      self._previous_handler = previous
       signal.signal(signal.SIGTERM, on_sigterm)
 
   @property
@@ -158,6 +160,10 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+    if self._previous_handler is not None:
+      # Outside training, SIGTERM gets its usual meaning back.
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
 
 
 def _check_items(states: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ def mask_ratio(progress: jax.Array, method: str = "cosine") -> jax.Array:
   """Fraction of tokens still masked at `progress` in [0, 1]."""
   progress = jnp.clip(progress, 0.0, 1.0)
   if method == "cosine":
-    return jnp.cos(0.5 * jnp.pi * progress)
+    return jnp.maximum(jnp.cos(0.5 * jnp.pi * progress), 0.0)
   if method == "linear":
     return 1.0 - progress
   if method == "square":

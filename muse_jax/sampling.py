@@ -142,8 +142,9 @@ def sample(
     confidence = jnp.where(is_masked, confidence, jnp.inf)
     # How many of the still-unknown tokens go back to [MASK].
     masked_now = jnp.sum(is_masked, axis=-1)
+    # The epsilon keeps float32 rounding from flooring an exact integer down.
     n = jnp.floor(unknown_at_start * masking.mask_ratio(
-        progress, cfg.schedule)).astype(jnp.int32)
+        progress, cfg.schedule) + 1e-4).astype(jnp.int32)
     n = jnp.clip(n, 1, masked_now - 1)
     n = jnp.where(k == steps - 1, 0, jnp.maximum(n, 0))
     cutoff = jnp.take_along_axis(

@@ -182,7 +182,11 @@ def train(
   if start_step:
     restored, data_state, _ = ckpt.restore(
         {"model": abstract[0], "optimizer": abstract[1]}, start_step)
-    state = nnx.State({0: restored["model"], 1: restored["optimizer"]})
+    # Same tree structure as the step's output, so the step traces once.
+    state = jax.tree.unflatten(
+        jax.tree.structure(abstract),
+        jax.tree.leaves(nnx.State(
+            {0: restored["model"], 1: restored["optimizer"]})))
     if data_state:
       data.set_state(data_state)
     print(f"[{stage}] resumed from step {start_step}", flush=True)

@@ -1,0 +1,235 @@
+"""Tests of Muse's iterative parallel decoding (muse_jax.sampling)."""
+
+from __future__ import annotations
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muse_jax import masking
+from muse_jax import sampling
+from muse_jax.models import transformer as tr
+
+CFG = tr.TransformerConfig(codebook_size=16, grid_size=4, text_dim=8,
+                           width=16, depth=2, num_heads=2, mlp_dim=32)
+MASK_ID = CFG.mask_token_id
+N = CFG.seq_len
+BATCH = 2
+BASE = sampling.SamplerConfig(num_steps=4, guidance_scale=2.0)
+
+
+class RecordingTransformer(tr.MaskedTransformer):
+  """Reports how many [MASK] tokens each decoding step receives."""
+
+  calls: list[np.ndarray] = []
+
+  def decode(self, tokens, text_kv, text_mask):
+    jax.debug.callback(
+        lambda c: RecordingTransformer.calls.append(np.asarray(c)),
+        jnp.sum(tokens == self.cfg.mask_token_id, axis=-1))
+    return super().decode(tokens, text_kv, text_mask)
+
+
+def _make(cls=tr.MaskedTransformer, seed=0):
+  with nnx.use_eager_sharding(False):
+    return cls(CFG, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _make()
+
+
+@pytest.fixture(scope="module")
+def text():
+  rng = np.random.default_rng(0)
+  emb = jnp.asarray(rng.normal(size=(BATCH, 5, CFG.text_dim)), jnp.float32)
+  mask = np.ones((BATCH, 5), bool)
+  mask[1, 3:] = False
+  return emb, jnp.asarray(mask)
+
+
+@pytest.fixture(scope="module")
+def neg_text():
+  rng = np.random.default_rng(1)
+  emb = jnp.asarray(rng.normal(size=(BATCH, 5, CFG.text_dim)) * 2, jnp.float32)
+  return emb, jnp.ones((BATCH, 5), bool)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, tokens, emb, mask):
+  return nnx.merge(graphdef, state)(tokens, emb, mask)
+
+
+def logits(model, tokens, emb, mask):
+  return _logits(*nnx.split(model), tokens, emb, mask)
+
+
+def _check_valid(out):
+  out = np.asarray(out)
+  assert out.shape == (BATCH, N) and out.dtype == np.int32
+  assert not np.any(out == MASK_ID), "every token is fixed by the last step"
+  assert np.all((out >= 0) & (out < CFG.codebook_size))
+
+
+# ---------------------------------------------------------------------------
+# Basic properties.
+# ---------------------------------------------------------------------------
+
+
+def test_output_valid_and_seed_deterministic(model, text):
+  a = sampling.sample(model, jax.random.key(0), *text, cfg=BASE)
+  b = sampling.sample(model, jax.random.key(0), *text, cfg=BASE)
+  c = sampling.sample(model, jax.random.key(1), *text, cfg=BASE)
+  for out in (a, b, c):
+    _check_valid(out)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # The two rows (different captions, different noise) differ as well.
+  assert not np.array_equal(a[0], a[1])
+
+
+def _expected_masked_counts(unknown: np.ndarray, steps: int):
+  """Mask ids entering each step, re-deriving P§2.8's cosine schedule."""
+  counts = [unknown.copy()]
+  for k in range(steps - 1):
+    x = unknown * np.cos(np.pi / 2 * (k + 1) / steps)
+    # Keep the test well-posed: no float32-rounding-sensitive floor().
+    assert np.all(np.abs(x - np.round(x)) > 1e-3), x
+    n = np.floor(x).astype(np.int64)
+    n = np.maximum(np.minimum(np.maximum(n, 1), counts[-1] - 1), 0)
+    counts.append(n)
+  return np.stack(counts)  # [steps, B]
+
+
+# Both tests below share one compiled sampler (same model class and config).
+SCHEDULE_CFG = sampling.SamplerConfig(num_steps=5, guidance_scale=0.0)
+
+
+@pytest.fixture(scope="module")
+def recording_model():
+  return _make(RecordingTransformer)
+
+
+def _run_recorded(model, text, init, seed):
+  RecordingTransformer.calls.clear()
+  out = sampling.sample(model, jax.random.key(seed), *text, cfg=SCHEDULE_CFG,
+                        init_tokens=jnp.asarray(init))
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  _check_valid(out)
+  return np.asarray(out), np.stack(RecordingTransformer.calls)
+
+
+def test_tokens_fixed_per_step_follow_cosine_schedule(recording_model, text):
+  steps = SCHEDULE_CFG.num_steps
+  # Row 0 starts all-[MASK] (U = 16); row 1 knows 5 tokens (U = 11).
+  init = np.full((BATCH, N), MASK_ID, np.int32)
+  init[1, :5] = np.arange(5)
+  _, recorded = _run_recorded(recording_model, text, init, seed=3)
+  assert recorded.shape == (steps, BATCH), "one forward pass per step"
+  # Callbacks may run out of order; counts strictly decrease, so sort.
+  recorded = -np.sort(-recorded, axis=0)
+  expected = _expected_masked_counts(np.array([N, N - 5]), steps)
+  np.testing.assert_array_equal(recorded, expected)
+  # The cosine schedule fixes few tokens first and many at the end.
+  fixed = -np.diff(np.concatenate([expected, np.zeros((1, BATCH))]), axis=0)
+  assert fixed[0, 0] < fixed[-1, 0]
+
+
+@pytest.mark.parametrize("num_unknown", [1, 6])
+def test_known_tokens_never_change(recording_model, text, num_unknown):
+  rng = np.random.default_rng(num_unknown)
+  init = rng.integers(0, CFG.codebook_size, (BATCH, N)).astype(np.int32)
+  unknown = np.zeros((BATCH, N), bool)
+  for row in range(BATCH):
+    unknown[row, rng.choice(N, num_unknown, replace=False)] = True
+  init[unknown] = MASK_ID
+  out, recorded = _run_recorded(recording_model, text, init, seed=2)
+  np.testing.assert_array_equal(out[~unknown], init[~unknown])
+  # Only the unknown tokens were ever [MASK]: a single one is fixed at once.
+  assert recorded.max() == num_unknown
+  if num_unknown == 1:
+    assert np.all(np.sort(recorded, axis=0)[:-1] == 0)
+
+
+# ---------------------------------------------------------------------------
+# Classifier-free guidance and negative prompts.
+# ---------------------------------------------------------------------------
+
+
+def _greedy(model, text, scale, neg=None):
+  # One step with top_k=1 is deterministic: the argmax of the guided logits.
+  cfg = sampling.SamplerConfig(num_steps=1, top_k=1, guidance_scale=scale,
+                               guidance_schedule="constant")
+  kw = dict(neg_emb=neg[0], neg_mask=neg[1]) if neg is not None else {}
+  out = sampling.sample(model, jax.random.key(5), *text, cfg=cfg, **kw)
+  _check_valid(out)
+  return np.asarray(out)
+
+
+def _assert_argmax_equal(out, ref_logits):
+  ref_logits = np.asarray(ref_logits)
+  top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+  clear = top2[..., 1] - top2[..., 0] > 1e-4  # Skip numerical near-ties.
+  assert clear.mean() > 0.9
+  np.testing.assert_array_equal(out[clear], ref_logits.argmax(-1)[clear])
+
+
+def _reference_logits(model, text, neg_text):
+  emb, mask = text
+  all_masked = jnp.full((BATCH, N), MASK_ID, jnp.int32)
+  cond = logits(model, all_masked, emb, mask)
+  uncond = logits(model, all_masked, emb, jnp.zeros_like(mask))
+  neg = logits(model, all_masked, *neg_text)
+  return cond, uncond, neg
+
+
+def test_guidance_scale_zero_is_a_single_conditional_pass(model, text,
+                                                          neg_text):
+  cond, _, _ = _reference_logits(model, text, neg_text)
+  # No unconditional pass at all...
+  _assert_argmax_equal(_greedy(model, text, 0.0), cond)
+  # ...and when a negative prompt forces the two-pass path, its logits get
+  # weight 0: the result is still the conditional argmax.
+  _assert_argmax_equal(_greedy(model, text, 0.0, neg=neg_text), cond)
+
+
+def test_guided_logits_and_negative_prompt(model, text, neg_text):
+  scale = 3.0
+  cond, uncond, neg = _reference_logits(model, text, neg_text)
+  plain = _greedy(model, text, scale)
+  with_neg = _greedy(model, text, scale, neg=neg_text)
+  _assert_argmax_equal(plain, (1 + scale) * cond - scale * uncond)
+  _assert_argmax_equal(with_neg, (1 + scale) * cond - scale * neg)
+  # Guidance matters, and the negative prompt changes the output.
+  assert not np.array_equal(plain, np.argmax(cond, -1))
+  assert not np.array_equal(plain, with_neg)
+
+
+# ---------------------------------------------------------------------------
+# Configuration.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(num_steps=0), "num_steps"),
+    (dict(num_steps=-3), "num_steps"),
+    (dict(schedule="exponential"), "schedule"),
+    (dict(guidance_schedule="cosine"), "guidance_schedule"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=-1), "top_k"),
+])
+def test_sampler_config_validation(kw, field):
+  with pytest.raises(ValueError, match=rf"SamplerConfig\.{field}\b"):
+    sampling.SamplerConfig(**kw)
+
+
+def test_sampler_config_accepts_every_schedule():
+  for s in masking.SCHEDULES:
+    for g in sampling.GUIDANCE_SCHEDULES:
+      sampling.SamplerConfig(schedule=s, guidance_schedule=g)
