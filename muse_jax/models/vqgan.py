@@ -13,9 +13,16 @@ decoder with nearest-neighbour upsampling followed by a convolution.
 The quantizer uses the factorized, l2-normalized codes of ViT-VQGAN
 (arXiv 2110.04627): the encoder projects to a low-dimensional ``code_dim``
 space, both the projected latents and the codebook entries are l2-normalized,
-and the lookup is a cosine-similarity nearest neighbour. This trains quickly
-from scratch with high codebook usage, without EMA updates or code restarts,
-which keeps the loss a pure function usable inside ``nnx.value_and_grad``.
+and the lookup is a cosine-similarity nearest neighbour, with a
+straight-through estimator and the usual codebook + commitment losses. Trained
+from scratch with low ``code_dim`` (4-8) it converges quickly; an optional
+entropy regularizer on soft assignments (MAGVIT-v2, arXiv 2310.05737) keeps
+codebook usage high without EMA updates or dead-code restarts, so the loss
+stays a pure function usable inside ``nnx.value_and_grad``.
+
+An optional patchify stem (``patch_size``, a lossless space-to-depth as in
+ViT-VQGAN) moves every convolution off the full-resolution grid; on small
+images and CPUs that is where most FLOPs of a plain VQGAN stem go.
 
 The decoder can be configured independently of the encoder (channels, res
 blocks) so that, as in the paper, a larger decoder can later be fine-tuned
