@@ -24,7 +24,7 @@ TINY_F16 = vqgan.VQConfig(
 # tests that differentiate: it keeps compile times low.
 SMALL = vqgan.VQConfig(
     patch_size=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=(0, 1),
-    codebook_size=32, code_dim=4, num_groups=4, l1_weight=0.0, l2_weight=1.0,
+    codebook_size=32, code_dim=4, num_groups=4, entropy_weight=0.01,
     decoder_base_channels=16)
 
 CONV_AXES = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
@@ -138,7 +138,7 @@ def test_straight_through_gradient_reaches_encoder():
 
 
 def test_bf16_compute_keeps_f32_params_and_losses():
-  cfg = dataclasses.replace(SMALL, dtype=jnp.bfloat16)
+  cfg = dataclasses.replace(SMALL, dtype='bfloat16')  # Names are accepted.
   model = _build(cfg)
   for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
     assert leaf.dtype == jnp.float32
@@ -152,6 +152,7 @@ def test_bf16_compute_keeps_f32_params_and_losses():
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
   for name, value in metrics.items():
     assert value.dtype == jnp.float32, name
+  assert float(metrics['entropy_loss']) >= 0
   for leaf in jax.tree.leaves(nnx.state(grads, nnx.Param)):
     assert leaf.dtype == jnp.float32
 

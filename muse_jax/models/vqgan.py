@@ -80,7 +80,9 @@ class VQConfig:
     entropy_temperature: Softmax temperature over cosine similarities for the
       entropy regularizer.
     l1_weight: Weight of the mean absolute reconstruction error.
-    l2_weight: Weight of the mean squared reconstruction error.
+    l2_weight: Weight of the mean squared reconstruction error. L2 alone
+      trained clearly better than L1 on the shapes demo: early on, L1's
+      median-seeking optimum paints small objects as background.
     decoder_base_channels: Decoder base channels; ``None`` mirrors the encoder.
     decoder_channel_mult: Decoder multipliers (same length as
       ``channel_mult``, so ``f`` matches); ``None`` mirrors the encoder.
@@ -101,9 +103,9 @@ class VQConfig:
   commitment_cost: float = 0.25
   codebook_cost: float = 1.0
   entropy_weight: float = 0.0
-  entropy_temperature: float = 0.01
-  l1_weight: float = 1.0
-  l2_weight: float = 0.0
+  entropy_temperature: float = 0.05
+  l1_weight: float = 0.0
+  l2_weight: float = 1.0
   decoder_base_channels: int | None = None
   decoder_channel_mult: tuple[int, ...] | None = None
   decoder_num_res_blocks: int | tuple[int, ...] | None = None
@@ -119,6 +121,9 @@ class VQConfig:
     if self.decoder_channel_mult is not None:
       object.__setattr__(self, 'decoder_channel_mult',
                          tuple(self.decoder_channel_mult))
+    # Accept dtype names ('bfloat16') as well as dtype objects.
+    for name in ('dtype', 'param_dtype'):
+      object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
     self.validate()
 
   @property
@@ -156,7 +161,8 @@ class VQConfig:
     """Raises ValueError, naming the field, for an inconsistent config."""
     def positive(name: str, value: Any) -> None:
       if not isinstance(value, int) or value < 1:
-        raise ValueError(f'VQConfig.{name} must be a positive int, got {value!r}')
+        raise ValueError(
+            f'VQConfig.{name} must be a positive int, got {value!r}')
 
     positive('in_channels', self.in_channels)
     positive('patch_size', self.patch_size)
@@ -227,14 +233,18 @@ def _per_level(value: int | tuple[int, ...], levels: int) -> tuple[int, ...]:
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, cfg: VQConfig,
-          rngs: nnx.Rngs, strides: int = 1) -> nnx.Conv:
+          rngs: nnx.Rngs, strides: int = 1, zero_init: bool = False
+          ) -> nnx.Conv:
   """A 'SAME' convolution with annotated kernel and bias."""
+  if zero_init:
+    kernel_init = nnx.initializers.zeros_init()
+  else:
+    kernel_init = nnx.initializers.variance_scaling(1.0, 'fan_in',
+                                                    'truncated_normal')
   return nnx.Conv(
       in_ch, out_ch, kernel_size=(kernel, kernel), strides=(strides, strides),
       padding='SAME', dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=nnx.with_partitioning(
-          nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
-          _CONV_KERNEL_AXES),
+      kernel_init=nnx.with_partitioning(kernel_init, _CONV_KERNEL_AXES),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
                                       _CONV_BIAS_AXES),
       rngs=rngs)
@@ -248,16 +258,15 @@ class GroupNorm(nnx.Module):
   """
 
   def __init__(self, channels: int, num_groups: int, cfg: VQConfig,
-               epsilon: float = 1e-6):
+               rngs: nnx.Rngs, epsilon: float = 1e-6):
     self.num_groups = num_groups
     self.epsilon = epsilon
     self.dtype = cfg.dtype
-    self.scale = nnx.Param(nnx.with_partitioning(
-        nnx.initializers.ones_init(), _CONV_BIAS_AXES)(
-            jax.random.key(0), (channels,), cfg.param_dtype))
-    self.bias = nnx.Param(nnx.with_partitioning(
-        nnx.initializers.zeros_init(), _CONV_BIAS_AXES)(
-            jax.random.key(0), (channels,), cfg.param_dtype))
+    ones = nnx.with_partitioning(nnx.initializers.ones_init(), _CONV_BIAS_AXES)
+    zeros = nnx.with_partitioning(nnx.initializers.zeros_init(),
+                                  _CONV_BIAS_AXES)
+    self.scale = nnx.Param(ones(rngs.params(), (channels,), cfg.param_dtype))
+    self.bias = nnx.Param(zeros(rngs.params(), (channels,), cfg.param_dtype))
 
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
@@ -272,13 +281,18 @@ class GroupNorm(nnx.Module):
 
 
 class ResBlock(nnx.Module):
-  """Pre-activation residual block: (GroupNorm, swish, conv3x3) x 2 + skip."""
+  """Pre-activation residual block: (GroupNorm, swish, conv3x3) x 2 + skip.
+
+  The last convolution of the residual branch starts at zero, so every block
+  is the identity (or its 1x1 projection) at initialization; on the shapes
+  demo this trained slightly faster than a random init.
+  """
 
   def __init__(self, in_ch: int, out_ch: int, cfg: VQConfig, rngs: nnx.Rngs):
-    self.norm1 = GroupNorm(in_ch, cfg.num_groups, cfg)
+    self.norm1 = GroupNorm(in_ch, cfg.num_groups, cfg, rngs)
     self.conv1 = _conv(in_ch, out_ch, 3, cfg, rngs)
-    self.norm2 = GroupNorm(out_ch, cfg.num_groups, cfg)
-    self.conv2 = _conv(out_ch, out_ch, 3, cfg, rngs)
+    self.norm2 = GroupNorm(out_ch, cfg.num_groups, cfg, rngs)
+    self.conv2 = _conv(out_ch, out_ch, 3, cfg, rngs, zero_init=True)
     self.skip = _conv(in_ch, out_ch, 1, cfg, rngs) if in_ch != out_ch else None
 
   def __call__(self, x: Array) -> Array:
@@ -350,7 +364,7 @@ class Encoder(nnx.Module):
     for _ in range(nres[-1]):
       blocks.append(ResBlock(ch, ch, cfg, rngs))
     self.blocks = nnx.List(blocks)
-    self.norm_out = GroupNorm(ch, cfg.num_groups, cfg)
+    self.norm_out = GroupNorm(ch, cfg.num_groups, cfg, rngs)
     self.conv_out = _conv(ch, cfg.code_dim, 1, cfg, rngs)
 
   def __call__(self, images: Array) -> Array:
@@ -379,7 +393,7 @@ class Decoder(nnx.Module):
       if level > 0:
         blocks.append(Upsample(ch, cfg, rngs))
     self.blocks = nnx.List(blocks)
-    self.norm_out = GroupNorm(ch, cfg.num_groups, cfg)
+    self.norm_out = GroupNorm(ch, cfg.num_groups, cfg, rngs)
     out_ch = cfg.in_channels * cfg.patch_size ** 2
     self.conv_out = _conv(ch, out_ch, 3, cfg, rngs)
 
@@ -399,8 +413,8 @@ class Quantizer(nnx.Module):
   """Nearest-neighbour lookup of l2-normalized codes (ViT-VQGAN style).
 
   Distances, losses and statistics are computed in float32 regardless of the
-  compute dtype: argmin over near-ties in bfloat16 would make token
-  assignments noisy.
+  compute dtype: a nearest-code search over near-ties in bfloat16 would make
+  token assignments noisy.
   """
 
   def __init__(self, cfg: VQConfig, rngs: nnx.Rngs):
@@ -438,16 +452,18 @@ class Quantizer(nnx.Module):
     # should be confidently assigned (low per-position entropy) while the
     # batch as a whole spreads over the codebook (high entropy of the mean
     # assignment). Unlike hard assignments it gives unused codes a gradient.
+    # Both terms are >= 0 (log K is the maximum batch entropy).
     logp = jax.nn.log_softmax(sim.reshape(-1, self.codebook_size) /
                               self.entropy_temperature, axis=-1)
     p = jnp.exp(logp)
     per_sample_entropy = -jnp.mean(jnp.sum(p * logp, axis=-1))
     avg_p = jnp.mean(p, axis=0)
     batch_entropy = -jnp.sum(avg_p * jnp.log(avg_p + 1e-9))
+    entropy_gap = jnp.log(float(self.codebook_size)) - batch_entropy
     aux = {
         'codebook_loss': codebook_loss,
         'commitment_loss': commitment_loss,
-        'entropy_loss': per_sample_entropy - batch_entropy,
+        'entropy_loss': per_sample_entropy + entropy_gap,
         'perplexity': jnp.exp(entropy),
         'codebook_usage': jnp.mean((counts > 0).astype(jnp.float32)),
         'code_counts': counts,
@@ -498,9 +514,10 @@ class VQModel(nnx.Module):
   def quantize(self, z_e: Array) -> tuple[Array, Array, dict[str, Array]]:
     """Latents -> (straight-through z_q in float32, int32 indices, aux).
 
-    ``aux`` holds float32 ``codebook_loss``, ``commitment_loss``,
-    ``perplexity``, ``codebook_usage`` (fraction of codes used in the batch)
-    and ``code_counts`` [codebook_size].
+    ``aux`` holds float32 scalars ``codebook_loss``, ``commitment_loss``,
+    ``entropy_loss`` (unweighted, >= 0), ``perplexity`` and
+    ``codebook_usage`` (fraction of codes used in the batch), and
+    ``code_counts`` [codebook_size].
     """
     return self.quantizer(z_e)
 
