@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from muse_jax import checkpointing
 from muse_jax import sampling
 from muse_jax import sharding
 from muse_jax.data import pipeline
@@ -144,7 +145,6 @@ class Experiment:
 
   def load(self, stage: str, make: Callable[[], nnx.Module]) -> nnx.Module:
     """The trained model of a finished training stage, sharded per rules."""
-    from muse_jax import checkpointing  # pylint: disable=g-import-not-at-top
     model = sharding.create_sharded(make, self.mesh, self.rules)
     return checkpointing.restore_model(
         os.path.join(self.stage_dir(stage), "checkpoints"), model)

@@ -11,7 +11,7 @@ interval, on preemption and at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 import dataclasses
 import json
 import math
@@ -20,13 +20,11 @@ import sys
 import time
 from typing import Any
 
-from absl import logging
 from flax import nnx
 from flax.core import spmd as flax_spmd
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-import numpy as np
 import optax
 
 from muse_jax import checkpointing
@@ -81,7 +79,7 @@ class LoopConfig:
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int,
-                    state_shardings: Any, batch_sharding: Any):
+                    state_shardings: Any):
   """A jitted pure step: (state, batch, step) -> (state, metrics)."""
   base_rng = jax.random.key(seed)
   # Leaves in flatten order; the state keeps exactly these shardings.
@@ -110,7 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int,
               for x, s in zip(leaves, state_sharding_leaves, strict=True)]
     return jax.tree.unflatten(treedef, leaves), metrics
 
-  del batch_sharding  # Batches arrive as global arrays already sharded.
+  # Batches arrive as global arrays already sharded (sharding.global_batch).
   return jax.jit(step_fn, donate_argnums=(0,))
 
 
@@ -193,9 +191,7 @@ def train(
   else:
     state = nnx.split(sharding.create_sharded(make_state, mesh, rules))[1]
 
-  batch_sharding = sharding.data_sharding(mesh, rules)
-  step_fn = make_train_step(graphdef, loss_fn, loop.seed, shardings,
-                            batch_sharding)
+  step_fn = make_train_step(graphdef, loss_fn, loop.seed, shardings)
   progress = ProgressLog(stage, loop.num_steps,
                          os.path.join(workdir, "metrics.jsonl"))
   meta = dict(meta or {}, stage=stage)
