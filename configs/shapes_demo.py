@@ -49,17 +49,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           num_res_blocks=1,
           num_groups=8,
           codebook_size=512,
-          code_dim=8,
+          code_dim=4,
           l1_weight=0.0,
           l2_weight=1.0,
-          entropy_weight=0.003,
+          entropy_weight=0.001,
           entropy_temperature=0.05,
+          local_encoder=True,
       ),
       optimizer=dict(learning_rate=5e-3, warmup_steps=50, b1=0.9, b2=0.99,
                      weight_decay=0.0, grad_clip_norm=0.0,
                      end_lr_fraction=0.05),
-      loop=dict(num_steps=1500, log_every=100, checkpoint_every=500),
-      batch_size=16,
+      loop=dict(num_steps=4000, log_every=500, checkpoint_every=1000),
+      batch_size=8,
   ))
 
   c.transformer = ml_collections.ConfigDict(dict(
@@ -68,11 +69,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  remat_policy="none"),
       objective=dict(schedule="cosine", label_smoothing=0.1,
                      text_dropout=0.1),
-      optimizer=dict(learning_rate=2e-3, warmup_steps=100, b1=0.9, b2=0.96,
+      optimizer=dict(learning_rate=2e-3, warmup_steps=200, b1=0.9, b2=0.96,
                      weight_decay=0.045, grad_clip_norm=1.0,
                      end_lr_fraction=0.05),
-      loop=dict(num_steps=2400, log_every=100, checkpoint_every=500),
-      batch_size=32,
+      loop=dict(num_steps=7000, log_every=200, checkpoint_every=1000),
+      batch_size=16,
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(

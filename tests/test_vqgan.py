@@ -235,3 +235,20 @@ def test_bad_config_raises_naming_field(field, value):
 def test_bad_image_shape_raises(f8_model):
   with pytest.raises(ValueError, match='divisible'):
     f8_model.encode(jnp.zeros((1, 60, 60, 3)))
+
+
+def test_local_encoder_codes_depend_only_on_the_own_patch():
+  cfg = dataclasses.replace(SMALL, local_encoder=True)
+  model = _build(cfg)
+  x = np.array(_images(2, 32, seed=3))
+  # Image b: same patch (1, 2) as image a, everything else different.
+  b = np.array(_images(1, 32, seed=9))[0]
+  b[8:16, 16:24] = x[0, 8:16, 16:24]
+  x[1] = b
+  z = np.asarray(nnx.jit(lambda m, v: m.encode(v))(model, jnp.asarray(x)))
+  np.testing.assert_allclose(z[0, 1, 2], z[1, 1, 2], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(z[0], z[1])  # The other patches did change.
+  # The default (3x3, GroupNorm) encoder mixes neighbourhoods and statistics.
+  conv = _build(SMALL)
+  z = np.asarray(nnx.jit(lambda m, v: m.encode(v))(conv, jnp.asarray(x)))
+  assert not np.allclose(z[0, 1, 2], z[1, 1, 2], atol=1e-4)

@@ -146,6 +146,7 @@ _BACKGROUND_RGB = np.array(
 # palette colours is about 33, and decoder colour errors need slack.
 COLOR_TOLERANCE = 40.0
 CORE_ALPHA = 0.4
+WEIGHT_ALPHA = 0.25  # Fainter tints (decoder halos) carry no shape weight.
 # Components with fewer core pixels than this fraction of S^2 are speckles
 # (a small triangle covers about 0.012 S^2).
 MIN_AREA_FRACTION = 0.0035
@@ -277,8 +278,9 @@ def detect_objects(image: np.ndarray) -> list[Detection]:
     grouping = (ndimage.binary_dilation(mask, eight, iterations=group_radius)
                 if group_radius else mask)
     comps, n = ndimage.label(grouping, structure=eight)
-    weight_k = np.where(resid[..., k] <= COLOR_TOLERANCE,
-                        np.clip(alpha[..., k], 0.0, 1.0), 0.0)
+    weight_k = np.where(
+        (resid[..., k] <= COLOR_TOLERANCE) & (alpha[..., k] >= WEIGHT_ALPHA),
+        np.clip(alpha[..., k], 0.0, 1.0), 0.0)
     for i in range(1, n + 1):
       comp = (comps == i) & mask
       if comp.sum() < min_core:

@@ -83,6 +83,14 @@ class VQConfig:
     l2_weight: Weight of the mean squared reconstruction error. L2 alone
       trained clearly better than L1 on the shapes demo: early on, L1's
       median-seeking optimum paints small objects as background.
+    local_encoder: Every token sees only its own ``f x f`` pixel patch: the
+      encoder's convolutions are 1x1, its downsamplings 2x2 with stride 2 and
+      its normalization per position (no statistics over the image). The
+      same patch then always gets the same token wherever it appears, so on
+      flat-colour data (the shapes demo) all background patches share one
+      token instead of varying with nearby objects and image statistics, and
+      the transformer has far less entropy to model. The decoder keeps its
+      3x3 convolutions and so still blends across token borders.
     decoder_base_channels: Decoder base channels; ``None`` mirrors the encoder.
     decoder_channel_mult: Decoder multipliers (same length as
       ``channel_mult``, so ``f`` matches); ``None`` mirrors the encoder.
@@ -106,6 +114,7 @@ class VQConfig:
   entropy_temperature: float = 0.05
   l1_weight: float = 0.0
   l2_weight: float = 1.0
+  local_encoder: bool = False
   decoder_base_channels: int | None = None
   decoder_channel_mult: tuple[int, ...] | None = None
   decoder_num_res_blocks: int | tuple[int, ...] | None = None
@@ -258,8 +267,11 @@ class GroupNorm(nnx.Module):
   """
 
   def __init__(self, channels: int, num_groups: int, cfg: VQConfig,
-               rngs: nnx.Rngs, epsilon: float = 1e-6):
+               rngs: nnx.Rngs, epsilon: float = 1e-6,
+               per_position: bool = False):
     self.num_groups = num_groups
+    # Statistics over each position's channel group only (no spatial mixing).
+    self.axes = (4,) if per_position else (1, 2, 4)
     self.epsilon = epsilon
     self.dtype = cfg.dtype
     ones = nnx.with_partitioning(nnx.initializers.ones_init(), _CONV_BIAS_AXES)
@@ -272,8 +284,8 @@ class GroupNorm(nnx.Module):
     b, h, w, c = x.shape
     g = self.num_groups
     xg = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
-    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+    mean = jnp.mean(xg, axis=self.axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=self.axes, keepdims=True)
     xg = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
     y = xg.reshape(b, h, w, c) * self.scale[...].astype(jnp.float32)
     y = y + self.bias[...].astype(jnp.float32)
@@ -288,11 +300,15 @@ class ResBlock(nnx.Module):
   demo this trained slightly faster than a random init.
   """
 
-  def __init__(self, in_ch: int, out_ch: int, cfg: VQConfig, rngs: nnx.Rngs):
-    self.norm1 = GroupNorm(in_ch, cfg.num_groups, cfg, rngs)
-    self.conv1 = _conv(in_ch, out_ch, 3, cfg, rngs)
-    self.norm2 = GroupNorm(out_ch, cfg.num_groups, cfg, rngs)
-    self.conv2 = _conv(out_ch, out_ch, 3, cfg, rngs, zero_init=True)
+  def __init__(self, in_ch: int, out_ch: int, cfg: VQConfig, rngs: nnx.Rngs,
+               local: bool = False):
+    k = 1 if local else 3
+    self.norm1 = GroupNorm(in_ch, cfg.num_groups, cfg, rngs,
+                           per_position=local)
+    self.conv1 = _conv(in_ch, out_ch, k, cfg, rngs)
+    self.norm2 = GroupNorm(out_ch, cfg.num_groups, cfg, rngs,
+                           per_position=local)
+    self.conv2 = _conv(out_ch, out_ch, k, cfg, rngs, zero_init=True)
     self.skip = _conv(in_ch, out_ch, 1, cfg, rngs) if in_ch != out_ch else None
 
   def __call__(self, x: Array) -> Array:
@@ -304,10 +320,13 @@ class ResBlock(nnx.Module):
 
 
 class Downsample(nnx.Module):
-  """Halves the resolution with a stride-2 3x3 convolution."""
+  """Halves the resolution with a stride-2 convolution (3x3, or 2x2 when
+  `local`, so that no output sees pixels outside its own 2x2 cell)."""
 
-  def __init__(self, channels: int, cfg: VQConfig, rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, cfg, rngs, strides=2)
+  def __init__(self, channels: int, cfg: VQConfig, rngs: nnx.Rngs,
+               local: bool = False):
+    self.conv = _conv(channels, channels, 2 if local else 3, cfg, rngs,
+                      strides=2)
 
   def __call__(self, x: Array) -> Array:
     return self.conv(x)
@@ -352,19 +371,21 @@ class Encoder(nnx.Module):
     chans = [cfg.base_channels * m for m in cfg.channel_mult]
     nres = cfg.enc_res_blocks
     in_ch = cfg.in_channels * cfg.patch_size ** 2
-    self.conv_in = _conv(in_ch, chans[0], 3, cfg, rngs)
+    local = cfg.local_encoder
+    self.conv_in = _conv(in_ch, chans[0], 1 if local else 3, cfg, rngs)
     blocks = []
     ch = chans[0]
     for level, out_ch in enumerate(chans):
       for _ in range(nres[level]):
-        blocks.append(ResBlock(ch, out_ch, cfg, rngs))
+        blocks.append(ResBlock(ch, out_ch, cfg, rngs, local=local))
         ch = out_ch
       if level < len(chans) - 1:
-        blocks.append(Downsample(ch, cfg, rngs))
+        blocks.append(Downsample(ch, cfg, rngs, local=local))
     for _ in range(nres[-1]):
-      blocks.append(ResBlock(ch, ch, cfg, rngs))
+      blocks.append(ResBlock(ch, ch, cfg, rngs, local=local))
     self.blocks = nnx.List(blocks)
-    self.norm_out = GroupNorm(ch, cfg.num_groups, cfg, rngs)
+    self.norm_out = GroupNorm(ch, cfg.num_groups, cfg, rngs,
+                              per_position=local)
     self.conv_out = _conv(ch, cfg.code_dim, 1, cfg, rngs)
 
   def __call__(self, images: Array) -> Array:
