@@ -16,6 +16,7 @@ from its newest checkpoint):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import functools
 import json
 import os
 import time
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from muse_jax import checkpointing
+from muse_jax import config_types
 from muse_jax import sampling
 from muse_jax import sharding
 from muse_jax.data import pipeline
@@ -55,7 +57,7 @@ class Experiment:
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.validate_rules(config.sharding_rules, self.mesh)
     self._text_encoder = None
-    self.vq_config = transformer_lib.dataclass_from_config(
+    self.vq_config = config_types.dataclass_from_config(
         vqgan.VQConfig, config.tokenizer.model)
     if config.data.image_size % self.vq_config.downsample_factor:
       raise ValueError(
@@ -130,12 +132,14 @@ class Experiment:
     return vqgan.VQModel(self.vq_config, rngs=nnx.Rngs(seed))
 
   def transformer_config(self) -> transformer_lib.TransformerConfig:
-    return transformer_lib.dataclass_from_config(
+    return config_types.dataclass_from_config(
         transformer_lib.TransformerConfig, self.config.transformer.model,
         codebook_size=self.vq_config.codebook_size, grid_size=self.grid_size,
-        text_dim=self.text_dim())
+        text_dim=self.text_dim)
 
+  @functools.cached_property
   def text_dim(self) -> int:
+    """Width of the text encoder's embeddings (read once from its config)."""
     path = self.config.text_encoder.path or text_lib.default_minilm_path()
     return text_lib.MiniLMConfig.from_hf_config(path).hidden_size
 
@@ -172,10 +176,10 @@ class Experiment:
     _, summary = common.train(
         stage="tokenizer", workdir=self.stage_dir("tokenizer"),
         make_model=self.make_vq,
-        optimizer=transformer_lib.dataclass_from_config(
+        optimizer=config_types.dataclass_from_config(
             common.OptimizerConfig, t.optimizer),
         loss_fn=loss_fn, data=data,
-        loop=transformer_lib.dataclass_from_config(
+        loop=config_types.dataclass_from_config(
             common.LoopConfig, t.loop, seed=self.config.seed),
         mesh=self.mesh, rules=self.rules)
     return summary
@@ -235,21 +239,21 @@ class Experiment:
         "tokens": b["tokens"],
         "text_emb": emb[b["caption_index"]].astype(np.float32),
         "text_mask": tmask[b["caption_index"]]})
-    objective = transformer_lib.dataclass_from_config(
+    objective = config_types.dataclass_from_config(
         transformer_trainer.ObjectiveConfig, t.objective)
     _, summary = common.train(
         stage="transformer", workdir=self.stage_dir("transformer"),
         make_model=self.make_transformer,
-        optimizer=transformer_lib.dataclass_from_config(
+        optimizer=config_types.dataclass_from_config(
             common.OptimizerConfig, t.optimizer),
         loss_fn=transformer_trainer.make_loss_fn(objective), data=data,
-        loop=transformer_lib.dataclass_from_config(
+        loop=config_types.dataclass_from_config(
             common.LoopConfig, t.loop, seed=self.config.seed),
         mesh=self.mesh, rules=self.rules)
     return summary
 
   def sampler_config(self) -> sampling.SamplerConfig:
-    return transformer_lib.dataclass_from_config(
+    return config_types.dataclass_from_config(
         sampling.SamplerConfig, self.config.sampling)
 
   def generate(self, prompts: Sequence[str], *, seed: int = 0,

@@ -12,6 +12,7 @@ import pytest
 
 from configs import shapes_demo
 from muse_jax import checkpointing
+from muse_jax import config_types
 from muse_jax import experiment
 from muse_jax.models import transformer as transformer_lib
 
@@ -74,7 +75,7 @@ def test_checkpoint_restore_gives_identical_outputs(trained):
   with nnx.use_eager_sharding(False):
     fresh = exp.make_transformer(seed=123)
   tokens = np.zeros((8, exp.grid_size**2), np.int32)
-  emb = np.ones((8, 4, exp.text_dim()), np.float32)
+  emb = np.ones((8, 4, exp.text_dim), np.float32)
   mask = np.ones((8, 4), bool)
   np.testing.assert_array_equal(np.asarray(first(tokens, emb, mask)),
                                 np.asarray(second(tokens, emb, mask)))
@@ -142,6 +143,6 @@ def test_cli_rejects_unwritable_workdir(tmp_path):
 
 def test_dataclass_from_config_names_unknown_keys():
   with pytest.raises(ValueError, match="depthh"):
-    transformer_lib.dataclass_from_config(
+    config_types.dataclass_from_config(
         transformer_lib.TransformerConfig,
         {"codebook_size": 8, "grid_size": 2, "text_dim": 4, "depthh": 1})

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from muse_jax import config_types
 from muse_jax import sharding
 from muse_jax.models import transformer as tr
 
@@ -244,13 +245,13 @@ def test_config_properties():
 def test_dataclass_from_config():
   base = dict(codebook_size=CODEBOOK, grid_size=4, text_dim=TEXT_DIM,
               width=16, depth=1, num_heads=2, mlp_dim=32)
-  cfg = tr.dataclass_from_config(tr.TransformerConfig, base, depth=2)
+  cfg = config_types.dataclass_from_config(tr.TransformerConfig, base, depth=2)
   assert cfg == dataclasses.replace(tiny_cfg(), depth=2)
   with pytest.raises(ValueError, match="widht") as exc:
-    tr.dataclass_from_config(tr.TransformerConfig, dict(base, widht=16))
+    config_types.dataclass_from_config(tr.TransformerConfig, dict(base, widht=16))
   assert "TransformerConfig" in str(exc.value)
   with pytest.raises(ValueError, match="bogus"):
-    tr.dataclass_from_config(tr.TransformerConfig, base, bogus=1)
+    config_types.dataclass_from_config(tr.TransformerConfig, base, bogus=1)
 
 
 # ---------------------------------------------------------------------------

@@ -15,13 +15,13 @@ pass recomputes. The text keys/values of every layer can be computed once
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from muse_jax import sharding
+from muse_jax.config_types import dtype_from_name
 from muse_jax.models import layers
 
 REMAT_POLICIES = {
@@ -30,31 +30,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-           "float16": jnp.float16}
-
-
-def dtype_from_name(name: str | Any) -> Any:
-  if not isinstance(name, str):
-    return name
-  if name not in _DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; expected one of {list(_DTYPES)}")
-  return _DTYPES[name]
-
-
-def dataclass_from_config(cls, cfg: Any, **overrides: Any):
-  """Builds frozen dataclass `cls` from a mapping, rejecting unknown keys."""
-  values = dict(cfg) if cfg is not None else {}
-  values.update(overrides)
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ValueError(
-        f"unknown {cls.__name__} config key(s) {unknown}; "
-        f"valid keys: {sorted(names)}")
-  return cls(**values)
-
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
