@@ -11,8 +11,11 @@ COMMAND (what `make demo` runs):
       --workdir=workdir/shapes_demo
 Smoke-size variant (tests): --config=configs/shapes_demo.py:tiny
 
-EXPECTED (2-core Zen 3 CPU, no GPU): the whole run within ~15 minutes;
-see README "Results" for the measured accuracies.
+EXPECTED (2-core Zen 3 CPU, no GPU, measured 2026-11-28): 17 minutes
+including install (tokenizer 108 s, transformer 830 s at 8.5 steps/s);
+tokenizer reconstructions score 97.7%; generated samples score 0.34 single /
+0.12 overall on validation prompts (the issue's target, 0.80 / 0.50, is not
+reached yet; see README "Results").
 """
 
 import ml_collections
