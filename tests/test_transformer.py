@@ -248,7 +248,8 @@ def test_dataclass_from_config():
   cfg = config_types.dataclass_from_config(tr.TransformerConfig, base, depth=2)
   assert cfg == dataclasses.replace(tiny_cfg(), depth=2)
   with pytest.raises(ValueError, match="widht") as exc:
-    config_types.dataclass_from_config(tr.TransformerConfig, dict(base, widht=16))
+    config_types.dataclass_from_config(tr.TransformerConfig,
+                                       dict(base, widht=16))
   assert "TransformerConfig" in str(exc.value)
   with pytest.raises(ValueError, match="bogus"):
     config_types.dataclass_from_config(tr.TransformerConfig, base, bogus=1)

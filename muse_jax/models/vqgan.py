@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from muse_jax.config_types import dtype_from_name
+
 Array = jax.Array
 DType = Any
 
@@ -130,9 +132,11 @@ class VQConfig:
     if self.decoder_channel_mult is not None:
       object.__setattr__(self, 'decoder_channel_mult',
                          tuple(self.decoder_channel_mult))
-    # Accept dtype names ('bfloat16') as well as dtype objects.
+    # Accept dtype names ('bfloat16') as well as dtype objects, checked as
+    # every config's dtypes are (config_types.dtype_from_name).
     for name in ('dtype', 'param_dtype'):
-      object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+      object.__setattr__(
+          self, name, jnp.dtype(dtype_from_name(getattr(self, name))))
     self.validate()
 
   @property
