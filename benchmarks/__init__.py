@@ -1,0 +1,1 @@
+"""Speed benchmarks of muse_jax against its peers (README: "Benchmarks")."""

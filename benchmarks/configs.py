@@ -1,0 +1,63 @@
+"""Benchmark configurations, shared by our runner and the peers' runner.
+
+Pure Python (no JAX, no torch), so both virtual environments import it.
+`S` is the issue's benchmark config S; `demo` is the shapes demo's
+transformer (configs/shapes_demo.py); `tiny` is a smoke-test size for
+developing the harness, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """One matched model size plus the batch and sampling settings."""
+
+  name: str
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  grid_size: int  # image tokens per side.
+  text_len: int
+  text_dim: int
+  codebook_size: int
+  batch: int
+  sample_steps: int
+  guidance_scale: float = 3.0
+
+  @property
+  def seq_len(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  def describe(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+CONFIGS = {
+    "S": BenchConfig(
+        name="S", width=512, depth=8, num_heads=8, mlp_dim=2048,
+        grid_size=16, text_len=32, text_dim=384, codebook_size=8192,
+        batch=8, sample_steps=12),
+    "demo": BenchConfig(
+        name="demo", width=128, depth=4, num_heads=4, mlp_dim=512,
+        grid_size=8, text_len=24, text_dim=384, codebook_size=512,
+        batch=16, sample_steps=24),
+    "tiny": BenchConfig(
+        name="tiny", width=64, depth=2, num_heads=2, mlp_dim=256,
+        grid_size=4, text_len=8, text_dim=32, codebook_size=64,
+        batch=2, sample_steps=4),
+}
+
+
+def get(name: str) -> BenchConfig:
+  if name not in CONFIGS:
+    raise ValueError(f"unknown benchmark config {name!r}; "
+                     f"expected one of {sorted(CONFIGS)}")
+  return CONFIGS[name]

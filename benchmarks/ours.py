@@ -1,0 +1,216 @@
+"""Our sampler and training step at a benchmark config (muse_jax, JAX).
+
+Sampling: the library's jitted `muse_jax.sampling.sample` (one program:
+text keys/values once, a `fori_loop` over steps, guidance batched into one
+forward over [cond; uncond]) on random text embeddings, compiled ahead of
+time so compile time is reported on its own. The bare transformer forwards
+(`model.decode` at batch 2B with the text keys/values given) are timed
+separately; `non_transformer_fraction = 1 - steps * forward / sample` is the
+share of sampling time spent outside them.
+
+Training: `muse_jax.trainers.common.make_train_step` with the masked-token
+loss of `muse_jax.trainers.transformer` and AdamW (OptimizerConfig
+defaults), state created sharded on a one-axis data mesh, random tokens and
+text embeddings, timed step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flax import nnx
+from flax.core import spmd as flax_spmd
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import configs
+from benchmarks import flops as flops_lib
+from benchmarks import timing
+from muse_jax import sampling
+from muse_jax import sharding
+from muse_jax.models.transformer import MaskedTransformer, TransformerConfig
+from muse_jax.trainers.common import OptimizerConfig, make_train_step
+from muse_jax.trainers.transformer import ObjectiveConfig, make_loss_fn
+
+IMPL = "muse_jax"
+
+
+def transformer_config(cfg: configs.BenchConfig,
+                       scan_layers: bool = True) -> TransformerConfig:
+  return TransformerConfig(
+      codebook_size=cfg.codebook_size, grid_size=cfg.grid_size,
+      text_dim=cfg.text_dim, width=cfg.width, depth=cfg.depth,
+      num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, scan_layers=scan_layers)
+
+
+def _mesh_and_rules():
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  return mesh, sharding.validate_rules(sharding.DEFAULT_RULES, mesh)
+
+
+def _text(cfg: configs.BenchConfig, batch: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  emb = rng.standard_normal((batch, cfg.text_len, cfg.text_dim), np.float32)
+  return emb, np.ones((batch, cfg.text_len), bool)
+
+
+def _memory(compiled) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  try:
+    mem = compiled.memory_analysis()
+    out["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
+    out["xla_argument_bytes"] = int(mem.argument_size_in_bytes)
+    out["xla_output_bytes"] = int(mem.output_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass  # Not every backend implements memory_analysis.
+  stats = jax.devices()[0].memory_stats()
+  out["peak_memory_bytes"] = (int(stats["peak_bytes_in_use"])
+                              if stats and "peak_bytes_in_use" in stats
+                              else None)
+  out["max_rss_bytes"] = timing.max_rss_bytes()
+  return out
+
+
+def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
+                 repeats: int = 3, forward_repeats: int = 3,
+                 seed: int = 0) -> dict[str, Any]:
+  """One JSON record: images/s of the full sampler, FLOPs, overhead share."""
+  mesh, rules = _mesh_and_rules()
+  tcfg = transformer_config(cfg)
+  make = lambda: MaskedTransformer(tcfg, rngs=nnx.Rngs(seed))
+  model = sharding.create_sharded(make, mesh, rules)
+  emb, mask = (jnp.asarray(a) for a in _text(cfg, cfg.batch, seed))
+  scfg = sampling.SamplerConfig(num_steps=cfg.sample_steps,
+                                guidance_scale=cfg.guidance_scale)
+  rng = jax.random.key(seed)
+
+  timing.log(f"[{IMPL}] sample {cfg.name}: compiling")
+  t0 = time.perf_counter()
+  lowered = sampling.sample.lower(model, rng, emb, mask, cfg=scfg)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  run = lambda: jax.block_until_ready(compiled(model, rng, emb, mask))
+  timing.log(f"[{IMPL}] sample {cfg.name}: timing {repeats} repeats")
+  t = timing.measure(run, repeats=repeats)
+
+  # The bare transformer forwards the sampler makes: decode at 2B.
+  guided = scfg.guidance_scale != 0
+  b2 = 2 * cfg.batch if guided else cfg.batch
+  ctx = jnp.concatenate([emb, emb]) if guided else emb
+  ctx_mask = jnp.concatenate([mask, jnp.zeros_like(mask)]) if guided else mask
+  kv = jax.jit(lambda m, e: m.text_kv(e))(model, ctx)
+  tokens = jnp.full((b2, cfg.seq_len), tcfg.mask_token_id, jnp.int32)
+  decode = jax.jit(lambda m, x, kv, k: m.decode(x, kv, k))
+  fwd_compiled = decode.lower(model, tokens, kv, ctx_mask).compile()
+  timing.log(f"[{IMPL}] sample {cfg.name}: timing bare forwards")
+  ft = timing.measure(
+      lambda: jax.block_until_ready(fwd_compiled(model, tokens, kv, ctx_mask)),
+      repeats=forward_repeats)
+  forwards_s = cfg.sample_steps * ft.median_s
+
+  # FLOPs without loops: unrolled layers, text k/v once + steps forwards.
+  graphdef_u, abstract_u, _ = sharding.abstract_state(
+      lambda: MaskedTransformer(transformer_config(cfg, scan_layers=False),
+                                rngs=nnx.Rngs(seed)), mesh, rules)
+  kv_flops = flops_lib.xla_flops(jax.jit(
+      lambda s, e: nnx.merge(graphdef_u, s).text_kv(e)).lower(abstract_u, ctx))
+  fwd_flops = flops_lib.xla_flops(jax.jit(
+      lambda s, x, kv, k: nnx.merge(graphdef_u, s).decode(x, kv, k)).lower(
+          abstract_u, tokens, kv, ctx_mask))
+  rec = dict(
+      impl=IMPL, what="sample", config=cfg.name, batch=cfg.batch,
+      steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+      **t.fields(),
+      images_per_s=cfg.batch / t.median_s,
+      tokens_per_s=cfg.batch * cfg.seq_len / t.median_s,
+      compile_s=compile_s,
+      flops=kv_flops + cfg.sample_steps * fwd_flops,
+      xla_flops_raw=flops_lib.xla_flops(compiled),
+      flops_matmul=flops_lib.ours_sample_matmul_flops(
+          cfg, cfg.batch, cfg.sample_steps, guided),
+      forward_batch=b2, forward_median_s=ft.median_s,
+      forward_flops=fwd_flops,
+      forward_flops_per_s=fwd_flops / ft.median_s,
+      non_transformer_fraction=1.0 - forwards_s / t.median_s,
+      device=device, jax_version=jax.__version__,
+      note="token ids only (no VQ decode), random weights and text "
+           "embeddings; flops = XLA cost analysis of text k/v + steps x "
+           "forward with unrolled layers (scan bodies are counted once by "
+           "XLA: see xla_flops_raw)")
+  rec.update(timing.rates(rec, peak))
+  rec["forward_utilisation"] = rec["forward_flops_per_s"] / peak
+  rec.update(_memory(compiled))
+  return rec
+
+
+def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
+                repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+  """One JSON record: training tokens/s and steps/s, FLOPs per step."""
+  mesh, rules = _mesh_and_rules()
+  tx = OptimizerConfig().make(total_steps=10_000)
+  loss_fn = make_loss_fn(ObjectiveConfig())
+
+  def state_maker(scan_layers: bool):
+    tcfg = transformer_config(cfg, scan_layers)
+
+    def make_state():
+      model = MaskedTransformer(tcfg, rngs=nnx.Rngs(seed))
+      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return make_state
+
+  graphdef, _, shardings = sharding.abstract_state(
+      state_maker(True), mesh, rules)
+  rng = np.random.default_rng(seed)
+  emb, mask = _text(cfg, cfg.batch, seed)
+  host_batch = dict(
+      tokens=rng.integers(0, cfg.codebook_size, (cfg.batch, cfg.seq_len),
+                          dtype=np.int32),
+      text_emb=emb, text_mask=mask)
+  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
+    state = nnx.split(sharding.create_sharded(state_maker(True), mesh,
+                                              rules))[1]
+    batch = sharding.global_batch(host_batch, mesh, rules)
+    step_fn = make_train_step(graphdef, loss_fn, seed, shardings)
+    timing.log(f"[{IMPL}] train {cfg.name}: compiling")
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, jnp.asarray(0, jnp.int32)
+                             ).compile()
+    compile_s = time.perf_counter() - t0
+    holder = dict(state=state, step=0)
+
+    def one_step():
+      new_state, metrics = compiled(
+          holder["state"], batch, jnp.asarray(holder["step"], jnp.int32))
+      jax.block_until_ready((new_state, metrics))
+      holder["state"] = new_state
+      holder["step"] += 1
+      return metrics
+
+    timing.log(f"[{IMPL}] train {cfg.name}: timing {repeats} steps")
+    t = timing.measure(one_step, repeats=repeats)
+    loss = float(one_step()["loss"])
+
+    graphdef_u, abstract_u, shardings_u = sharding.abstract_state(
+        state_maker(False), mesh, rules)
+    step_u = make_train_step(graphdef_u, loss_fn, seed, shardings_u)
+    flops = flops_lib.xla_flops(step_u.lower(
+        abstract_u, batch, jnp.asarray(0, jnp.int32)))
+
+  tokens = cfg.batch * cfg.seq_len
+  rec = dict(
+      impl=IMPL, what="train", config=cfg.name, batch=cfg.batch,
+      **t.fields(),
+      steps_per_s=1.0 / t.median_s, tokens_per_s=tokens / t.median_s,
+      images_per_s=cfg.batch / t.median_s,
+      compile_s=compile_s, flops=flops,
+      xla_flops_raw=flops_lib.xla_flops(compiled),
+      flops_matmul=flops_lib.ours_train_matmul_flops(cfg, cfg.batch),
+      final_loss=loss, device=device, jax_version=jax.__version__,
+      note="AdamW (OptimizerConfig defaults, global-norm clipping), masked "
+           "cross-entropy on random tokens; flops = XLA cost analysis of "
+           "the step with unrolled layers")
+  rec.update(timing.rates(rec, peak))
+  rec.update(_memory(compiled))
+  return rec

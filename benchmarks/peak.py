@@ -1,0 +1,55 @@
+"""Measured peak matmul FLOP/s of the current JAX device.
+
+A large float32 `jnp.dot` (default 2048^3, 2 n^3 FLOPs), jitted, warm-up
+excluded, median of repeats. This is the roof the benchmarks' utilisation is
+measured against: what a single well-shaped matrix product reaches on this
+machine through XLA, not a datasheet number. (The peers' runner measures the
+same product through torch; `bench.py` reports both and uses the larger.)
+
+  python -m benchmarks.peak [--n=2048] [--repeats=10]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import timing
+
+
+def peak_matmul_flops(n: int = 2048, repeats: int = 10,
+                      dtype=jnp.float32) -> dict:
+  """{'peak_flops_per_s', 'median_s', ...} of an n x n x n matmul."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  dot = jax.jit(jnp.dot)
+  t = timing.measure(lambda: jax.block_until_ready(dot(a, b)),
+                     repeats=repeats, warmup=2)
+  flops = 2.0 * n**3
+  return dict(n=n, dtype=jnp.dtype(dtype).name, flops=flops,
+              peak_flops_per_s=flops / t.median_s,
+              best_flops_per_s=flops / min(t.times_s), **t.fields())
+
+
+def device_name() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return f"cpu: {timing.cpu_name()}"
+  return f"{dev.platform}: {dev.device_kind}"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=2048)
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args()
+  rec = dict(impl="muse_jax", what="peak", device=device_name(),
+             **peak_matmul_flops(args.n, args.repeats))
+  timing.emit(rec)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,102 @@
+"""Timing and JSON-line records shared by our runner and the peers' runner.
+
+Pure Python (no JAX, no torch). Every measurement calls the function once
+as a warm-up (its time, which includes JIT compilation or first-call
+allocation, is reported separately as `first_call_s`) and then `repeats`
+times; `median_s` is the median of those repeats. The caller's function must
+block until its result is ready (`jax.block_until_ready`; torch on the CPU
+is synchronous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, TextIO
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  first_call_s: float | None
+  times_s: tuple[float, ...]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.times_s)
+
+  def fields(self) -> dict[str, Any]:
+    return dict(median_s=self.median_s, min_s=min(self.times_s),
+                max_s=max(self.times_s), repeats=len(self.times_s),
+                first_call_s=self.first_call_s)
+
+
+def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
+  """Times `warmup` excluded calls (the first reported) and `repeats` calls.
+
+  With warmup=0 (the caller warmed up already) first_call_s is None.
+  """
+  if repeats < 1 or warmup < 0:
+    raise ValueError("measure needs repeats >= 1 and warmup >= 0")
+  first = None
+  for _ in range(warmup):
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    first = dt if first is None else first
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return Timing(first, tuple(times))
+
+
+def rates(record: dict[str, Any], peak: float) -> dict[str, Any]:
+  """FLOP/s (XLA or counted, and matmul-only) and their share of `peak`."""
+  med = record["median_s"]
+  out = dict(flops_per_s=record["flops"] / med,
+             matmul_flops_per_s=record["flops_matmul"] / med,
+             peak_flops_per_s=peak)
+  out["utilisation"] = out["flops_per_s"] / peak
+  out["matmul_utilisation"] = out["matmul_flops_per_s"] / peak
+  return out
+
+
+def cpu_name() -> str:
+  """'<model name> (<n> cores)' from /proc/cpuinfo, or platform's guess."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          name = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{name} ({os.cpu_count()} cores)"
+
+
+def max_rss_bytes() -> int:
+  """Peak resident memory of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def emit(record: dict[str, Any], out: TextIO | None = None) -> None:
+  """Prints one JSON line (to stdout, and to `out` when given)."""
+  line = json.dumps(record, sort_keys=False)
+  print(line, flush=True)
+  if out is not None:
+    out.write(line + "\n")
+    out.flush()
+
+
+def log(msg: str) -> None:
+  """Progress messages go to stderr, so stdout stays JSON lines."""
+  print(msg, file=sys.stderr, flush=True)
