@@ -39,8 +39,9 @@ def test_scene_type_mix_and_structure():
       n = len(s.objects)
       assert 1 <= n <= shapes.MAX_OBJECTS
       for o in s.objects:
-        # Centres snap to the 1/16 grid.
-        assert all(abs(c * 16 - round(c * 16)) < 1e-9 for c in o.center)
+        # Centres snap to the 1/GRID grid (token corners at 64 px, f=8).
+        g = shapes.GRID
+        assert all(abs(c * g - round(c * g)) < 1e-9 for c in o.center)
       if s.scene_type == "single":
         assert n == 1 and s.relation is None
       elif s.scene_type == "count":

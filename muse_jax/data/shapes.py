@@ -9,9 +9,12 @@ example is a deterministic function of `(split, index, seed)`.
 Choices the spec leaves open, made here:
 
 * Coordinates are normalized to [0, 1] with x to the right and y downwards
-  (image row order). Object centres are snapped to a grid of 1/16 of the side,
-  so at 64 px with a downsampling factor of 8 the layout lines up with the
-  8x8 token grid (every centre lies on a token centre or a token corner).
+  (image row order). Object centres are snapped to a grid of 1/8 of the side,
+  so at 64 px with a downsampling factor of 8 every centre lies on a token
+  corner: an object always covers its tokens the same way, wherever it is.
+  (A 1/16 grid, which also allows token centres, quadruples the distinct
+  token patterns of each object: with the demo's CPU budget the base
+  transformer reached 0.38 single-object accuracy on it, 0.82 on this one.)
 * Object "diameter" d is S/6 (small) or S/3 (large). A circle has diameter d,
   a square has side d and a triangle is equilateral with side d, upright,
   centred vertically in the d x d box. Every object lies in its d x d box.
@@ -94,7 +97,7 @@ _HELDOUT_LIST: tuple[tuple[str, str], ...] = tuple(
 
 MAX_OBJECTS = 4
 SUPPORTED_SIZES: tuple[int, ...] = (32, 64, 128, 256)
-GRID = 16  # Centres lie on multiples of 1/GRID.
+GRID = 8  # Centres lie on multiples of 1/GRID.
 # Minimum gap between object boxes, and between a box and the border, as a
 # fraction of the side (see the module docstring).
 MIN_OBJECT_GAP = 1.0 / 16.0

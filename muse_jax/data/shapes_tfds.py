@@ -75,8 +75,11 @@ def make_config(sizes: Sequence[int] = (64,), num_train: int = 16000,
 class ShapesCompositional(tfds.core.GeneratorBasedBuilder):
   """The compositional shapes dataset (see `muse_jax.data.shapes`)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Object centres on a 1/8 grid (token corners at 64 px).",
+  }
   BUILDER_CONFIGS = [make_config(sizes) for sizes in SIZE_PRESETS.values()]
 
   @tfds.core.utils.classproperty
