@@ -96,10 +96,8 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   t = timing.measure(run, repeats=repeats)
 
   # The bare transformer forwards the sampler makes: decode at 2B.
-  guided = scfg.guidance_scale != 0
-  b2 = 2 * cfg.batch if guided else cfg.batch
-  ctx = jnp.concatenate([emb, emb]) if guided else emb
-  ctx_mask = jnp.concatenate([mask, jnp.zeros_like(mask)]) if guided else mask
+  guided, ctx, ctx_mask = sampling.guidance_context(scfg, emb, mask)
+  b2 = ctx.shape[0]
   kv = jax.jit(lambda m, e: m.text_kv(e))(model, ctx)
   tokens = jnp.full((b2, cfg.seq_len), tcfg.mask_token_id, jnp.int32)
   decode = jax.jit(lambda m, x, kv, k: m.decode(x, kv, k))
@@ -119,12 +117,8 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   fwd_flops = flops_lib.xla_flops(jax.jit(
       lambda s, x, kv, k: nnx.merge(graphdef_u, s).decode(x, kv, k)).lower(
           abstract_u, tokens, kv, ctx_mask))
-  rec = dict(
-      impl=IMPL, what="sample", config=cfg.name, batch=cfg.batch,
-      steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-      **t.fields(),
-      images_per_s=cfg.batch / t.median_s,
-      tokens_per_s=cfg.batch * cfg.seq_len / t.median_s,
+  rec = timing.throughput_record(IMPL, "sample", cfg, t)
+  rec.update(
       compile_s=compile_s,
       flops=kv_flops + cfg.sample_steps * fwd_flops,
       xla_flops_raw=flops_lib.xla_flops(compiled),
@@ -198,12 +192,8 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
     flops = flops_lib.xla_flops(step_u.lower(
         abstract_u, batch, jnp.asarray(0, jnp.int32)))
 
-  tokens = cfg.batch * cfg.seq_len
-  rec = dict(
-      impl=IMPL, what="train", config=cfg.name, batch=cfg.batch,
-      **t.fields(),
-      steps_per_s=1.0 / t.median_s, tokens_per_s=tokens / t.median_s,
-      images_per_s=cfg.batch / t.median_s,
+  rec = timing.throughput_record(IMPL, "train", cfg, t)
+  rec.update(
       compile_s=compile_s, flops=flops,
       xla_flops_raw=flops_lib.xla_flops(compiled),
       flops_matmul=flops_lib.ours_train_matmul_flops(cfg, cfg.batch),

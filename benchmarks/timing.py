@@ -58,6 +58,24 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
   return Timing(first, tuple(times))
 
 
+def throughput_record(impl: str, what: str, cfg, t: Timing
+                      ) -> dict[str, Any]:
+  """The fields every implementation's record starts with.
+
+  `cfg` is a `benchmarks.configs.BenchConfig`; `what` is "sample" (one call
+  generates `cfg.batch` images) or "train" (one call is one step).
+  """
+  rec: dict[str, Any] = dict(impl=impl, what=what, config=cfg.name,
+                             batch=cfg.batch)
+  if what == "sample":
+    rec.update(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+  rec.update(t.fields(), images_per_s=cfg.batch / t.median_s,
+             tokens_per_s=cfg.batch * cfg.seq_len / t.median_s)
+  if what == "train":
+    rec["steps_per_s"] = 1.0 / t.median_s
+  return rec
+
+
 def rates(record: dict[str, Any], peak: float) -> dict[str, Any]:
   """FLOP/s (XLA or counted, and matmul-only) and their share of `peak`."""
   med = record["median_s"]

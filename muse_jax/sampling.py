@@ -67,6 +67,27 @@ def guidance_at(cfg: SamplerConfig, progress: jax.Array) -> jax.Array:
   return jnp.asarray(cfg.guidance_scale, jnp.float32)
 
 
+def guidance_context(
+    cfg: SamplerConfig,
+    text_emb: jax.Array,
+    text_mask: jax.Array,
+    neg_emb: jax.Array | None = None,
+    neg_mask: jax.Array | None = None,
+) -> tuple[bool, jax.Array, jax.Array]:
+  """(guided?, text, mask) each decoding forward sees.
+
+  Guided decoding runs one forward over [cond; uncond] (batch 2B): the
+  unconditional half is the prompt with every token masked out, or the
+  negative prompt when one is given.
+  """
+  if cfg.guidance_scale == 0 and neg_emb is None:
+    return False, text_emb, text_mask
+  if neg_emb is None:
+    neg_emb, neg_mask = text_emb, jnp.zeros_like(text_mask)
+  ctx = jnp.concatenate([text_emb, neg_emb.astype(text_emb.dtype)], axis=0)
+  return True, ctx, jnp.concatenate([text_mask, neg_mask], axis=0)
+
+
 def _top_k_filter(logits: jax.Array, k: int) -> jax.Array:
   kth = jax.lax.top_k(logits, k)[0][..., -1:]
   return jnp.where(logits < kth, -jnp.inf, logits)
@@ -106,14 +127,8 @@ def sample(
     tokens = jnp.full((batch, mcfg.seq_len), mask_id, jnp.int32)
   else:
     tokens = init_tokens.astype(jnp.int32)
-  use_guidance = cfg.guidance_scale != 0 or neg_emb is not None
-  if use_guidance:
-    if neg_emb is None:
-      neg_emb, neg_mask = text_emb, jnp.zeros_like(text_mask)
-    ctx = jnp.concatenate([text_emb, neg_emb.astype(text_emb.dtype)], axis=0)
-    ctx_mask = jnp.concatenate([text_mask, neg_mask], axis=0)
-  else:
-    ctx, ctx_mask = text_emb, text_mask
+  use_guidance, ctx, ctx_mask = guidance_context(cfg, text_emb, text_mask,
+                                                 neg_emb, neg_mask)
   text_kv = model.text_kv(ctx)
 
   unknown_at_start = jnp.sum(tokens == mask_id, axis=-1)

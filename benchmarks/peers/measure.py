@@ -91,12 +91,9 @@ def sample_record(impl: str, cfg, flops: float, t: timing.Timing, *,
                   peak: float, forward_batch: int, forward_s: float,
                   **extra) -> dict[str, Any]:
   """The JSON record of one peer's sampler (same fields as ours)."""
-  rec = dict(
-      impl=impl, what="sample", config=cfg.name, batch=cfg.batch,
-      steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-      **t.fields(), images_per_s=cfg.batch / t.median_s,
-      tokens_per_s=cfg.batch * cfg.seq_len / t.median_s, compile_s=None,
-      flops=flops, flops_matmul=flops, forward_batch=forward_batch,
+  rec = timing.throughput_record(impl, "sample", cfg, t)
+  rec.update(
+      compile_s=None, flops=flops, flops_matmul=flops, forward_batch=forward_batch,
       forward_median_s=forward_s,
       non_transformer_fraction=1.0 - cfg.sample_steps * forward_s
       / t.median_s,
@@ -108,12 +105,9 @@ def sample_record(impl: str, cfg, flops: float, t: timing.Timing, *,
 def train_record(impl: str, cfg, flops: float, t: timing.Timing, *,
                  peak: float, **extra) -> dict[str, Any]:
   """The JSON record of one peer's training step (same fields as ours)."""
-  rec = dict(
-      impl=impl, what="train", config=cfg.name, batch=cfg.batch,
-      **t.fields(), steps_per_s=1.0 / t.median_s,
-      tokens_per_s=cfg.batch * cfg.seq_len / t.median_s,
-      images_per_s=cfg.batch / t.median_s, compile_s=None,
-      flops=flops, flops_matmul=flops, device=device_name(),
+  rec = timing.throughput_record(impl, "train", cfg, t)
+  rec.update(
+      compile_s=None, flops=flops, flops_matmul=flops, device=device_name(),
       torch_version=torch.__version__, **extra)
   rec.update(rates(rec, peak))
   return rec
