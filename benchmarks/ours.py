@@ -4,9 +4,10 @@ Sampling: the library's jitted `muse_jax.sampling.sample` (one program:
 text keys/values once, a `fori_loop` over steps, guidance batched into one
 forward over [cond; uncond]) on random text embeddings, compiled ahead of
 time so compile time is reported on its own. The bare transformer forwards
-(`model.decode` at batch 2B with the text keys/values given) are timed
-separately; `non_transformer_fraction = 1 - steps * forward / sample` is the
-share of sampling time spent outside them.
+(`model.decode_features` at batch 2B with the text keys/values given, then
+`model.head_logits` at B, as the sampler runs them) are timed separately;
+`non_transformer_fraction = 1 - steps * forward / sample` is the share of
+sampling time spent outside them.
 
 Training: `muse_jax.trainers.common.make_train_step` with the masked-token
 loss of `muse_jax.trainers.transformer` and AdamW (OptimizerConfig
@@ -37,12 +38,19 @@ from muse_jax.trainers.transformer import ObjectiveConfig, make_loss_fn
 IMPL = "muse_jax"
 
 
-def transformer_config(cfg: configs.BenchConfig,
-                       scan_layers: bool = True) -> TransformerConfig:
+# What the training step recomputes in the backward pass, per config: the
+# fastest policy measured on the 2-core CPU (S: 2.9 s with dots_no_batch,
+# 3.2 s full, 3.6 s none; the demo recipe's own choice is full).
+TRAIN_REMAT = {"S": "dots_no_batch", "demo": "full"}
+
+
+def transformer_config(cfg: configs.BenchConfig, scan_layers: bool = True,
+                       remat_policy: str = "none") -> TransformerConfig:
   return TransformerConfig(
       codebook_size=cfg.codebook_size, grid_size=cfg.grid_size,
       text_dim=cfg.text_dim, width=cfg.width, depth=cfg.depth,
-      num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, scan_layers=scan_layers)
+      num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, scan_layers=scan_layers,
+      remat_policy=remat_policy)
 
 
 def _mesh_and_rules():
@@ -95,16 +103,21 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   timing.log(f"[{IMPL}] sample {cfg.name}: timing {repeats} repeats")
   t = timing.measure(run, repeats=repeats)
 
-  # The bare transformer forwards the sampler makes: decode at 2B.
+  # The bare transformer forwards the sampler makes: the features at 2B,
+  # the output layer on the guided features at B.
   guided, ctx, ctx_mask = sampling.guidance_context(scfg, emb, mask)
   b2 = ctx.shape[0]
   kv = jax.jit(lambda m, e: m.text_kv(e))(model, ctx)
   tokens = jnp.full((b2, cfg.seq_len), tcfg.mask_token_id, jnp.int32)
-  decode = jax.jit(lambda m, x, kv, k: m.decode(x, kv, k))
-  fwd_compiled = decode.lower(model, tokens, kv, ctx_mask).compile()
+  features_fn = lambda m, x, kv, k: m.decode_features(x, kv, k)
+  head_fn = lambda m, h: m.head_logits(h[:cfg.batch])
+  feats_c = jax.jit(features_fn).lower(model, tokens, kv, ctx_mask).compile()
+  feats = feats_c(model, tokens, kv, ctx_mask)
+  head_c = jax.jit(head_fn).lower(model, feats).compile()
   timing.log(f"[{IMPL}] sample {cfg.name}: timing bare forwards")
   ft = timing.measure(
-      lambda: jax.block_until_ready(fwd_compiled(model, tokens, kv, ctx_mask)),
+      lambda: jax.block_until_ready(
+          head_c(model, feats_c(model, tokens, kv, ctx_mask))),
       repeats=forward_repeats)
   forwards_s = cfg.sample_steps * ft.median_s
 
@@ -112,11 +125,14 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   graphdef_u, abstract_u, _ = sharding.abstract_state(
       lambda: MaskedTransformer(transformer_config(cfg, scan_layers=False),
                                 rngs=nnx.Rngs(seed)), mesh, rules)
-  kv_flops = flops_lib.xla_flops(jax.jit(
-      lambda s, e: nnx.merge(graphdef_u, s).text_kv(e)).lower(abstract_u, ctx))
-  fwd_flops = flops_lib.xla_flops(jax.jit(
-      lambda s, x, kv, k: nnx.merge(graphdef_u, s).decode(x, kv, k)).lower(
+  unrolled = lambda fn: jax.jit(
+      lambda s, *a: fn(nnx.merge(graphdef_u, s), *a))
+  kv_flops = flops_lib.xla_flops(
+      unrolled(lambda m, e: m.text_kv(e)).lower(abstract_u, ctx))
+  fwd_flops = (
+      flops_lib.xla_flops(unrolled(features_fn).lower(
           abstract_u, tokens, kv, ctx_mask))
+      + flops_lib.xla_flops(unrolled(head_fn).lower(abstract_u, feats)))
   rec = timing.throughput_record(IMPL, "sample", cfg, t)
   rec.update(
       compile_s=compile_s,
@@ -146,8 +162,10 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
   tx = OptimizerConfig().make(total_steps=10_000)
   loss_fn = make_loss_fn(ObjectiveConfig())
 
-  def state_maker(scan_layers: bool):
-    tcfg = transformer_config(cfg, scan_layers)
+  remat = TRAIN_REMAT.get(cfg.name, "none")
+
+  def state_maker(scan_layers: bool, remat_policy: str):
+    tcfg = transformer_config(cfg, scan_layers, remat_policy)
 
     def make_state():
       model = MaskedTransformer(tcfg, rngs=nnx.Rngs(seed))
@@ -155,7 +173,7 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
     return make_state
 
   graphdef, _, shardings = sharding.abstract_state(
-      state_maker(True), mesh, rules)
+      state_maker(True, remat), mesh, rules)
   rng = np.random.default_rng(seed)
   emb, mask = _text(cfg, cfg.batch, seed)
   host_batch = dict(
@@ -163,7 +181,7 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
                           dtype=np.int32),
       text_emb=emb, text_mask=mask)
   with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
-    state = nnx.split(sharding.create_sharded(state_maker(True), mesh,
+    state = nnx.split(sharding.create_sharded(state_maker(True, remat), mesh,
                                               rules))[1]
     batch = sharding.global_batch(host_batch, mesh, rules)
     step_fn = make_train_step(graphdef, loss_fn, seed, shardings)
@@ -187,7 +205,7 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
     loss = float(one_step()["loss"])
 
     graphdef_u, abstract_u, shardings_u = sharding.abstract_state(
-        state_maker(False), mesh, rules)
+        state_maker(False, "none"), mesh, rules)
     step_u = make_train_step(graphdef_u, loss_fn, seed, shardings_u)
     flops = flops_lib.xla_flops(step_u.lower(
         abstract_u, batch, jnp.asarray(0, jnp.int32)))
@@ -197,10 +215,12 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
       compile_s=compile_s, flops=flops,
       xla_flops_raw=flops_lib.xla_flops(compiled),
       flops_matmul=flops_lib.ours_train_matmul_flops(cfg, cfg.batch),
-      final_loss=loss, device=device, jax_version=jax.__version__,
+      final_loss=loss, remat_policy=remat, device=device,
+      jax_version=jax.__version__,
       note="AdamW (OptimizerConfig defaults, global-norm clipping), masked "
            "cross-entropy on random tokens; flops = XLA cost analysis of "
-           "the step with unrolled layers")
+           "the step with unrolled layers and no rematerialisation (model "
+           "FLOPs: the backward's recomputation is not counted)")
   rec.update(timing.rates(rec, peak))
   rec.update(_memory(compiled))
   return rec

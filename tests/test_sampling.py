@@ -27,11 +27,11 @@ class RecordingTransformer(tr.MaskedTransformer):
 
   calls: list[np.ndarray] = []
 
-  def decode(self, tokens, text_kv, text_mask):
+  def decode_features(self, tokens, text_kv, text_mask):
     jax.debug.callback(
         lambda c: RecordingTransformer.calls.append(np.asarray(c)),
         jnp.sum(tokens == self.cfg.mask_token_id, axis=-1))
-    return super().decode(tokens, text_kv, text_mask)
+    return super().decode_features(tokens, text_kv, text_mask)
 
 
 def _make(cls=tr.MaskedTransformer, seed=0):
@@ -155,6 +155,49 @@ def test_known_tokens_never_change(recording_model, text, num_unknown):
   assert recorded.max() == num_unknown
   if num_unknown == 1:
     assert np.all(np.sort(recorded, axis=0)[:-1] == 0)
+
+
+# ---------------------------------------------------------------------------
+# Token draws.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [8192, 512, 17])  # 64, 16 and 1 blocks.
+def test_sample_categorical_matches_softmax(vocab):
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=vocab).astype(np.float32) * 2
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  draws = 40_000
+  batch = jnp.broadcast_to(jnp.asarray(logits), (draws, vocab))
+  ids, log_prob = jax.jit(sampling.sample_categorical)(jax.random.key(0),
+                                                       batch)
+  ids, log_prob = np.asarray(ids), np.asarray(log_prob)
+  assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < vocab
+  np.testing.assert_allclose(log_prob, np.log(probs)[ids], atol=1e-4)
+  # Pearson chi-square over the bins expecting >= 20 draws.
+  counts = np.bincount(ids, minlength=vocab)
+  expected = probs * draws
+  big = expected >= 20
+  chi2 = np.sum((counts[big] - expected[big])**2 / expected[big])
+  rest_obs, rest_exp = counts[~big].sum(), expected[~big].sum()
+  if rest_exp > 0:
+    chi2 += (rest_obs - rest_exp)**2 / rest_exp
+  dof = big.sum() + (rest_exp > 0) - 1
+  # mean dof, sd sqrt(2 dof): 5 sd is a bug, not bad luck.
+  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
+
+
+def test_sample_categorical_never_draws_filtered_tokens():
+  # Top-k leaves a few finite logits (here in the first and a middle block)
+  # and every other block without mass.
+  logits = np.full((4096, 512), -np.inf, np.float32)
+  logits[:, [0, 200, 201]] = [0.0, 3.0, -1.0]
+  ids, log_prob = sampling.sample_categorical(jax.random.key(1),
+                                              jnp.asarray(logits))
+  ids = np.asarray(ids)
+  assert set(np.unique(ids)) == {0, 200, 201}
+  assert np.all(np.isfinite(np.asarray(log_prob)))
 
 
 # ---------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_text_kv_then_decode_equals_call(model, inputs):
   cfg = model.cfg
   head_dim = cfg.width // cfg.num_heads
   for x in kv:
-    assert x.shape == (cfg.depth, 2, TEXT_LEN, cfg.num_heads, head_dim)
+    assert x.shape == (cfg.depth, 2, cfg.num_heads, TEXT_LEN, head_dim)
   full = forward(model, tokens, emb, mask)
   np.testing.assert_allclose(forward(model, tokens, kv, mask, method="decode"),
                              full, rtol=1e-6, atol=1e-6)

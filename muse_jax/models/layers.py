@@ -69,8 +69,26 @@ class Einsum(nnx.Module):
         self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype)
     )
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self._bias_for_output(y.ndim)
     return y
+
+  def _bias_for_output(self, out_ndim: int) -> jax.Array:
+    """The bias shaped to broadcast against the output, wherever its axes are.
+
+    The bias covers the kernel's trailing dimensions; the output may place
+    them anywhere (e.g. heads-major "btd,dhk->bhtk").
+    """
+    bias = self.bias[...].astype(self.dtype)
+    inputs, out = self.eqn.replace(" ", "").split("->")
+    kernel_subs = inputs.split(",")[1]
+    letters = kernel_subs[len(kernel_subs) - bias.ndim:]
+    if "..." in out:  # Leading dims are implicit: align from the right.
+      out = "?" * (out_ndim - len(out.replace("...", ""))) + out.replace(
+          "...", "")
+    order = sorted(letters, key=out.index)
+    bias = jnp.transpose(bias, [letters.index(c) for c in order])
+    shape = [bias.shape[order.index(c)] if c in order else 1 for c in out]
+    return bias.reshape(shape)
 
 
 class Embed(nnx.Module):
@@ -163,14 +181,42 @@ class Mlp(nnx.Module):
     return self.wo(h)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+           mask: jax.Array | None = None) -> jax.Array:
+  """Softmax attention of pre-scaled queries, heads-major [B, H, T|S, K].
+
+  Scores, the softmax statistics and its normalisation are float32; the
+  weighted sum of values runs in the values' dtype. The normalisation is
+  applied to the [B, H, T, K] output rather than to the [B, H, T, S]
+  weights: the score tensor is the largest one attention makes, and on
+  memory-bound hardware every pass over it costs as much as the matmuls.
+  `mask` [B, S] marks valid keys; a row with no valid key attends nothing
+  (a dropped caption gives zeros, not an average of padding).
+  """
+  scores = jnp.einsum("bhtk,bhsk->bhts", q, k,
+                      preferred_element_type=jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :], scores, _NEG_INF)
+  scores = scores - jnp.max(scores, axis=-1, keepdims=True)
+  unnormalised = jnp.exp(scores)
+  denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  out = jnp.einsum("bhts,bhsk->bhtk", unnormalised.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out = out / denom
+  if mask is not None:
+    out = out * jnp.any(mask, axis=-1)[:, None, None, None]
+  return out.astype(v.dtype)
+
+
 class Attention(nnx.Module):
   """Multi-head attention; self-attention when `context` is None.
 
   The query comes from `x` [B, T, D]; keys and values from `context`
   [B, S, Dc] (or `x`). `mask` is a boolean [B, S] key-validity mask, so padded
   text tokens and dropped (unconditional) captions are simply not attended.
-  Keys/values can be precomputed once with `kv()` and passed as `cached_kv`:
-  the sampler does this for the text, which does not change across steps.
+  Keys/values can be precomputed once with `kv()` (heads-major
+  [B, H, S, K]) and passed as `cached_kv`: the sampler does this for the
+  text, which does not change across steps.
   """
 
   def __init__(
@@ -196,20 +242,30 @@ class Attention(nnx.Module):
     self.head_dim = head_dim
     self.dtype = dtype
     self.query = Einsum(
-        "btd,dhk->bthk", (features, num_heads, head_dim),
+        "btd,dhk->bhtk", (features, num_heads, head_dim),
         ("embed", "heads", "kv"), bias_ndim=2, **kw)
     self.key = Einsum(
-        "bsd,dhk->bshk", (ctx, num_heads, head_dim),
+        "bsd,dhk->bhsk", (ctx, num_heads, head_dim),
         ("embed", "heads", "kv"), bias_ndim=2, **kw)
     self.value = Einsum(
-        "bsd,dhk->bshk", (ctx, num_heads, head_dim),
+        "bsd,dhk->bhsk", (ctx, num_heads, head_dim),
         ("embed", "heads", "kv"), bias_ndim=2, **kw)
     self.out = Einsum(
-        "bthk,hkd->btd", (num_heads, head_dim, features),
+        "bhtk,hkd->btd", (num_heads, head_dim, features),
         ("heads", "kv", "embed"), fan_in_ndim=2, **kw)
 
   def kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, H, S, K] of `context` [B, S, Dc]."""
     return self.key(context), self.value(context)
+
+  def _project_query(self, x: jax.Array) -> jax.Array:
+    """Queries [B, H, T, K] with the 1/sqrt(K) scale folded into the weights."""
+    scale = self.head_dim**-0.5
+    q = jnp.einsum("btd,dhk->bhtk", x.astype(self.dtype),
+                   (self.query.kernel[...] * scale).astype(self.dtype))
+    if self.query.bias is not None:
+      q = q + (self.query.bias[...] * scale).astype(self.dtype)[:, None, :]
+    return q
 
   def __call__(
       self,
@@ -218,18 +274,10 @@ class Attention(nnx.Module):
       mask: jax.Array | None = None,
       cached_kv: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
-    q = self.query(x)
+    q = self._project_query(x)
     if cached_kv is not None:
       k, v = cached_kv
     else:
       k, v = self.kv(x if context is None else context)
-    logits = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
-    logits = logits * (self.head_dim**-0.5)
-    if mask is not None:
-      logits = jnp.where(mask[:, None, None, :], logits, _NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-      # A row whose keys are all masked (a dropped caption) attends nothing.
-      weights = weights * jnp.any(mask, axis=-1)[:, None, None, None]
-    out = jnp.einsum("bhts,bshk->bthk", weights.astype(self.dtype), v)
-    return self.out(out)
+    return self.out(attend(q, k.astype(self.dtype), v.astype(self.dtype),
+                           mask))

@@ -134,7 +134,7 @@ class MaskedTransformer(nnx.Module):
     return nnx.split(self.blocks)
 
   def text_kv(self, text_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-layer cross-attention keys and values [depth, B, L, H, K] each."""
+    """Per-layer cross-attention keys and values [depth, B, H, L, K] each."""
     ctx = self.text_norm(self.text_proj(text_emb))
     ctx = sharding.constrain(ctx, ("batch", "text_length", "act_embed"))
     graphdef, state = self._layer_states()
@@ -151,6 +151,16 @@ class MaskedTransformer(nnx.Module):
   def decode(self, tokens: jax.Array, text_kv, text_mask: jax.Array
              ) -> jax.Array:
     """Logits [B, N, codebook] (f32) given precomputed text keys/values."""
+    return self.head_logits(self.decode_features(tokens, text_kv, text_mask))
+
+  def decode_features(self, tokens: jax.Array, text_kv,
+                      text_mask: jax.Array) -> jax.Array:
+    """The output head's last hidden states [B, N, D], before `head_logits`.
+
+    Logits are affine in these, so a guided sampler can mix the conditional
+    and unconditional features and project once, at half the cost of
+    projecting both onto the codebook.
+    """
     if tokens.shape[-1] != self.cfg.seq_len:
       raise ValueError(
           f"tokens have length {tokens.shape[-1]}, the model expects "
@@ -176,7 +186,12 @@ class MaskedTransformer(nnx.Module):
         x, _ = body(x, xs)
     x = self.final_norm(x)
     h = jax.nn.gelu(self.head_dense(x))
-    logits = self.head_out(self.head_norm(h)).astype(jnp.float32)
+    return sharding.constrain(self.head_norm(h),
+                              ("batch", "length", "act_embed"))
+
+  def head_logits(self, features: jax.Array) -> jax.Array:
+    """Logits [B, N, codebook] (f32): the affine map of `decode_features`."""
+    logits = self.head_out(features).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, text_emb: jax.Array,
