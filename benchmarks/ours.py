@@ -4,8 +4,9 @@ Sampling: the library's jitted `muse_jax.sampling.sample` (one program:
 text keys/values once, a `fori_loop` over steps, guidance batched into one
 forward over [cond; uncond]) on random text embeddings, compiled ahead of
 time so compile time is reported on its own. The bare transformer forwards
-(`model.decode_features` at batch 2B with the text keys/values given, then
-`model.head_logits` at B, as the sampler runs them) are timed separately;
+(`model.decode_features` at batch 2B with the text keys/values given and
+cross-attention for the B rows with text, then `model.head_logits` at B,
+as the sampler runs them) are timed separately;
 `non_transformer_fraction = 1 - steps * forward / sample` is the share of
 sampling time spent outside them.
 
@@ -105,11 +106,13 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
 
   # The bare transformer forwards the sampler makes: the features at 2B,
   # the output layer on the guided features at B.
-  guided, ctx, ctx_mask = sampling.guidance_context(scfg, emb, mask)
-  b2 = ctx.shape[0]
+  guided, ctx, ctx_mask, text_rows = sampling.guidance_context(
+      scfg, emb, mask)
+  b2 = 2 * cfg.batch if guided else cfg.batch
   kv = jax.jit(lambda m, e: m.text_kv(e))(model, ctx)
   tokens = jnp.full((b2, cfg.seq_len), tcfg.mask_token_id, jnp.int32)
-  features_fn = lambda m, x, kv, k: m.decode_features(x, kv, k)
+  features_fn = lambda m, x, kv, k: m.decode_features(x, kv, k,
+                                                      text_rows=text_rows)
   head_fn = lambda m, h: m.head_logits(h[:cfg.batch])
   feats_c = jax.jit(features_fn).lower(model, tokens, kv, ctx_mask).compile()
   feats = feats_c(model, tokens, kv, ctx_mask)

@@ -17,7 +17,8 @@ Algorithm, for T steps (24 base / 8 super-res in the paper):
    unknown at the start), clamped to [1, unknown now - 1]; the last step
    re-masks nothing, so every token is fixed.
 
-The text keys/values are computed once per request; the loop is a
+The text keys/values are computed once per request (the unconditional half
+attends no text, so it needs none and skips cross-attention); the loop is a
 `lax.fori_loop`, so the whole decode is a single XLA program.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,25 +73,38 @@ def guidance_at(cfg: SamplerConfig, progress: jax.Array) -> jax.Array:
   return jnp.asarray(cfg.guidance_scale, jnp.float32)
 
 
+class GuidanceContext(NamedTuple):
+  """The text every decoding forward sees (see `guidance_context`)."""
+
+  guided: bool  # whether each forward runs [cond; uncond] (batch 2B)
+  text_emb: jax.Array  # [B or 2B, L, D]
+  text_mask: jax.Array  # [B or 2B, L]
+  # Rows of the forward's batch that have text; the rest attend none.
+  text_rows: int | None
+
+
 def guidance_context(
     cfg: SamplerConfig,
     text_emb: jax.Array,
     text_mask: jax.Array,
     neg_emb: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
-) -> tuple[bool, jax.Array, jax.Array]:
-  """(guided?, text, mask) each decoding forward sees.
+) -> GuidanceContext:
+  """The text each decoding forward sees.
 
-  Guided decoding runs one forward over [cond; uncond] (batch 2B): the
-  unconditional half is the prompt with every token masked out, or the
-  negative prompt when one is given.
+  Guided decoding runs one forward over [cond; uncond] (batch 2B). With a
+  negative prompt the unconditional half attends it (text of 2B rows).
+  Without one the unconditional half attends no text at all, which makes
+  its cross-attention a constant: only the B conditional rows carry text
+  (`text_rows=B`), and the model skips cross-attention for the rest.
   """
   if cfg.guidance_scale == 0 and neg_emb is None:
-    return False, text_emb, text_mask
+    return GuidanceContext(False, text_emb, text_mask, None)
   if neg_emb is None:
-    neg_emb, neg_mask = text_emb, jnp.zeros_like(text_mask)
+    return GuidanceContext(True, text_emb, text_mask, text_emb.shape[0])
   ctx = jnp.concatenate([text_emb, neg_emb.astype(text_emb.dtype)], axis=0)
-  return True, ctx, jnp.concatenate([text_mask, neg_mask], axis=0)
+  return GuidanceContext(True, ctx, jnp.concatenate([text_mask, neg_mask],
+                                                    axis=0), None)
 
 
 def _top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -183,8 +198,8 @@ def sample(
     tokens = jnp.full((batch, mcfg.seq_len), mask_id, jnp.int32)
   else:
     tokens = init_tokens.astype(jnp.int32)
-  use_guidance, ctx, ctx_mask = guidance_context(cfg, text_emb, text_mask,
-                                                 neg_emb, neg_mask)
+  use_guidance, ctx, ctx_mask, text_rows = guidance_context(
+      cfg, text_emb, text_mask, neg_emb, neg_mask)
   text_kv = model.text_kv(ctx)
 
   unknown_at_start = jnp.sum(tokens == mask_id, axis=-1)
@@ -195,7 +210,8 @@ def sample(
     rng, sample_rng, choice_rng = jax.random.split(rng, 3)
     progress = (k + 1) / steps
     inputs = jnp.concatenate([tokens, tokens]) if use_guidance else tokens
-    features = model.decode_features(inputs, text_kv, ctx_mask)
+    features = model.decode_features(inputs, text_kv, ctx_mask,
+                                     text_rows=text_rows)
     if use_guidance:
       # Logits are affine in the features: guide them, then project once.
       cond, uncond = jnp.split(features.astype(jnp.float32), 2, axis=0)

@@ -27,11 +27,11 @@ class RecordingTransformer(tr.MaskedTransformer):
 
   calls: list[np.ndarray] = []
 
-  def decode_features(self, tokens, text_kv, text_mask):
+  def decode_features(self, tokens, text_kv, text_mask, **kw):
     jax.debug.callback(
         lambda c: RecordingTransformer.calls.append(np.asarray(c)),
         jnp.sum(tokens == self.cfg.mask_token_id, axis=-1))
-    return super().decode_features(tokens, text_kv, text_mask)
+    return super().decode_features(tokens, text_kv, text_mask, **kw)
 
 
 def _make(cls=tr.MaskedTransformer, seed=0):

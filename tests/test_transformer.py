@@ -180,6 +180,22 @@ def test_text_kv_then_decode_equals_call(model, inputs):
       forward(model, tokens, other, mask, method="decode"), full)
 
 
+def test_rows_without_text_skip_cross_attention(model, inputs):
+  # The sampler's [cond; uncond] batch: only the first rows carry text.
+  tokens, emb, mask = inputs
+  both = jnp.concatenate([tokens, tokens[::-1]])
+  reference = forward(model, both, jnp.concatenate([emb, emb]),
+                      jnp.concatenate([mask, jnp.zeros_like(mask)]))
+  kv = forward(model, emb, method="text_kv")
+  graphdef, state = nnx.split(model)
+  rows = tokens.shape[0]
+  got = jax.jit(lambda s, x, kv, m: nnx.merge(graphdef, s).decode(
+      x, kv, m, text_rows=rows))(state, both, kv, mask)
+  np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="text_rows=3"):
+    nnx.merge(graphdef, state).decode(both, kv, mask, text_rows=3)
+
+
 def test_dropped_caption_is_unconditional(model, inputs):
   tokens, emb, mask = inputs
   other_emb = emb * -3.0 + 1.0

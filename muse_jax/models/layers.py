@@ -258,6 +258,12 @@ class Attention(nnx.Module):
     """Keys and values [B, H, S, K] of `context` [B, S, Dc]."""
     return self.key(context), self.value(context)
 
+  def output_without_keys(self, shape: tuple[int, ...]) -> jax.Array:
+    """What a query with no valid key gets: the output bias (or zeros)."""
+    if self.out.bias is None:
+      return jnp.zeros(shape, self.dtype)
+    return jnp.broadcast_to(self.out.bias[...].astype(self.dtype), shape)
+
   def _project_query(self, x: jax.Array) -> jax.Array:
     """Queries [B, H, T, K] with the 1/sqrt(K) scale folded into the weights."""
     scale = self.head_dim**-0.5

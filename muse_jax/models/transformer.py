@@ -85,9 +85,17 @@ class Block(nnx.Module):
     self.norm3 = layers.LayerNorm(d, rngs=rngs, **kw)
     self.mlp = layers.Mlp(d, cfg.mlp_dim, rngs=rngs, **kw)
 
-  def __call__(self, x, text_kv, text_mask):
+  def __call__(self, x, text_kv, text_mask, text_rows: int | None = None):
     x = x + self.self_attn(self.norm1(x))
-    x = x + self.cross_attn(self.norm2(x), mask=text_mask, cached_kv=text_kv)
+    if text_rows is None or text_rows == x.shape[0]:
+      x = x + self.cross_attn(self.norm2(x), mask=text_mask,
+                              cached_kv=text_kv)
+    else:  # Rows from text_rows on attend no text: a constant output.
+      with_text = self.cross_attn(self.norm2(x[:text_rows]), mask=text_mask,
+                                  cached_kv=text_kv)
+      without = self.cross_attn.output_without_keys(
+          (x.shape[0] - text_rows, *x.shape[1:]))
+      x = x + jnp.concatenate([with_text, without.astype(with_text.dtype)])
     x = x + self.mlp(self.norm3(x))
     return sharding.constrain(x, ("batch", "length", "act_embed"))
 
@@ -148,19 +156,27 @@ class MaskedTransformer(nnx.Module):
             for i in range(self.cfg.depth)]
     return tuple(jnp.stack(parts) for parts in zip(*outs))
 
-  def decode(self, tokens: jax.Array, text_kv, text_mask: jax.Array
-             ) -> jax.Array:
+  def decode(self, tokens: jax.Array, text_kv, text_mask: jax.Array, *,
+             text_rows: int | None = None) -> jax.Array:
     """Logits [B, N, codebook] (f32) given precomputed text keys/values."""
-    return self.head_logits(self.decode_features(tokens, text_kv, text_mask))
+    return self.head_logits(self.decode_features(
+        tokens, text_kv, text_mask, text_rows=text_rows))
 
   def decode_features(self, tokens: jax.Array, text_kv,
-                      text_mask: jax.Array) -> jax.Array:
+                      text_mask: jax.Array, *,
+                      text_rows: int | None = None) -> jax.Array:
     """The output head's last hidden states [B, N, D], before `head_logits`.
 
     Logits are affine in these, so a guided sampler can mix the conditional
     and unconditional features and project once, at half the cost of
-    projecting both onto the codebook.
+    projecting both onto the codebook. With `text_rows` = R only the first
+    R rows of `tokens` have text (`text_kv`, `text_mask` have R rows); the
+    others are unconditional, exactly as with an all-False text mask, and
+    skip cross-attention (the sampler's [cond; uncond] batch).
     """
+    if text_rows is not None and text_mask.shape[0] != text_rows:
+      raise ValueError(f"text_rows={text_rows} but the text mask has "
+                       f"{text_mask.shape[0]} rows")
     if tokens.shape[-1] != self.cfg.seq_len:
       raise ValueError(
           f"tokens have length {tokens.shape[-1]}, the model expects "
@@ -172,7 +188,8 @@ class MaskedTransformer(nnx.Module):
 
     def body(h, xs):
       layer_state, k, v = xs
-      return nnx.merge(graphdef, layer_state)(h, (k, v), text_mask), None
+      block = nnx.merge(graphdef, layer_state)
+      return block(h, (k, v), text_mask, text_rows), None
 
     policy = REMAT_POLICIES[self.cfg.remat_policy]
     if self.cfg.remat_policy != "none":
