@@ -72,7 +72,9 @@ def _git_commit() -> str | None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
         text=True, check=True).stdout.strip() + (
             "+dirty" if subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                # Our own results files do not make the code dirty.
+                ["git", "status", "--porcelain", "--untracked-files=no",
+                 "--", ".", ":(exclude)benchmarks/results"],
                 capture_output=True, text=True).stdout.strip() else "")
   except (OSError, subprocess.CalledProcessError):
     return None
