@@ -48,7 +48,7 @@ CONFIGS = {
     "demo": BenchConfig(
         name="demo", width=128, depth=4, num_heads=4, mlp_dim=512,
         grid_size=8, text_len=24, text_dim=384, codebook_size=512,
-        batch=16, sample_steps=48),
+        batch=16, sample_steps=64),
     "tiny": BenchConfig(
         name="tiny", width=64, depth=2, num_heads=2, mlp_dim=256,
         grid_size=4, text_len=8, text_dim=32, codebook_size=64,

@@ -64,21 +64,31 @@ class Einsum(nnx.Module):
         )
     ) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum(
-        self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    )
+  def __call__(self, x: jax.Array, scale: float | None = None) -> jax.Array:
+    """The einsum of `x` and the kernel, plus the bias; all times `scale`.
+
+    The scale is folded into the weights (a kernel-sized multiply rather
+    than an output-sized one).
+    """
+    kernel = self.kernel[...]
+    if scale is not None:
+      kernel = kernel * scale
+    y = jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
     if self.bias is not None:
-      y = y + self._bias_for_output(y.ndim)
+      y = y + self._bias_for_output(y.ndim, scale)
     return y
 
-  def _bias_for_output(self, out_ndim: int) -> jax.Array:
+  def _bias_for_output(self, out_ndim: int,
+                       scale: float | None = None) -> jax.Array:
     """The bias shaped to broadcast against the output, wherever its axes are.
 
     The bias covers the kernel's trailing dimensions; the output may place
     them anywhere (e.g. heads-major "btd,dhk->bhtk").
     """
-    bias = self.bias[...].astype(self.dtype)
+    bias = self.bias[...]
+    if scale is not None:
+      bias = bias * scale
+    bias = bias.astype(self.dtype)
     inputs, out = self.eqn.replace(" ", "").split("->")
     kernel_subs = inputs.split(",")[1]
     letters = kernel_subs[len(kernel_subs) - bias.ndim:]
@@ -264,15 +274,6 @@ class Attention(nnx.Module):
       return jnp.zeros(shape, self.dtype)
     return jnp.broadcast_to(self.out.bias[...].astype(self.dtype), shape)
 
-  def _project_query(self, x: jax.Array) -> jax.Array:
-    """Queries [B, H, T, K] with the 1/sqrt(K) scale folded into the weights."""
-    scale = self.head_dim**-0.5
-    q = jnp.einsum("btd,dhk->bhtk", x.astype(self.dtype),
-                   (self.query.kernel[...] * scale).astype(self.dtype))
-    if self.query.bias is not None:
-      q = q + (self.query.bias[...] * scale).astype(self.dtype)[:, None, :]
-    return q
-
   def __call__(
       self,
       x: jax.Array,
@@ -280,7 +281,7 @@ class Attention(nnx.Module):
       mask: jax.Array | None = None,
       cached_kv: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
-    q = self._project_query(x)
+    q = self.query(x, scale=self.head_dim**-0.5)  # Pre-scaled for `attend`.
     if cached_kv is not None:
       k, v = cached_kv
     else:
