@@ -44,7 +44,7 @@ $(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
 ## Ours vs diffusers' aMUSEd and lucidrains' muse-maskgit-pytorch on this CPU,
 ## config S and the demo config, one run; JSON lines + markdown table.
 bench: install $(PEERS_VENV)/.installed
-	$(PY) -m benchmarks.bench --configs=S,demo --peers \
+	$(PY) -m benchmarks.bench --configs=S,S-bf16,demo --peers \
 	    --peers_python=$(PEERS_PY) --out=$(BENCH_OUT) \
 	    --table_out=$(BENCH_OUT:.jsonl=.md)
 

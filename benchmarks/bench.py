@@ -5,12 +5,14 @@ r"""Benchmarks muse_jax against its peers in one invocation.
 
 (`make bench` runs this.) Prints one JSON object per line, in order:
 `what: meta` (date, commit, versions), our measured peak matmul FLOP/s
-(`what: peak`), the peers' lines when --peers is given (run as a
+(`what: peak`, one per dtype the configs compute in), the peers' lines
+when --peers is given (run as a
 subprocess in the peers' virtual environment: benchmarks/peers/run_peers.py,
 torch's own peak first), our `sample` and `train` records per config, and
 one `kind: ratio` line per (config, what, peer) with ours / peer of
 images/s (sampling) or tokens/s (training). `peak_flops_per_s` in every
-record is the larger of the JAX and torch matmul measurements.
+record is the larger of the JAX and torch matmul measurements in the
+config's dtype (S-bf16 is measured against the bfloat16 peak).
 
 Timing: warm-up excluded (its time is `first_call_s`; our compile time is
 `compile_s`), median of --repeats_* calls. FLOPs: see benchmarks/flops.py.
@@ -32,6 +34,7 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 
 from benchmarks import configs
 from benchmarks import ours
@@ -80,7 +83,7 @@ def _git_commit() -> str | None:
     return None
 
 
-def _run_peers(peak: float, emit) -> list[dict[str, Any]]:
+def _run_peers(peaks: dict[str, float], emit) -> list[dict[str, Any]]:
   """Runs run_peers.py in the peers' venv, relaying its JSON lines."""
   if not os.path.exists(_PEERS_PYTHON.value):
     raise FileNotFoundError(
@@ -94,7 +97,8 @@ def _run_peers(peak: float, emit) -> list[dict[str, Any]]:
          f"--repeats_train={_REPEATS_TRAIN.value}",
          f"--repeats_forward={_REPEATS_FORWARD.value}",
          f"--peak_n={_PEAK_N.value}",
-         f"--peak_flops_per_s={peak}",
+         f"--peak_flops_per_s={peaks.get('float32', 0.0)}",
+         f"--peak_bf16_flops_per_s={peaks.get('bfloat16', 0.0)}",
          f"--lucid_flash={int(_LUCID_FLASH.value)}"]
   timing.log("running peers: " + " ".join(cmd))
   records = []
@@ -169,15 +173,19 @@ def main(argv) -> None:
             git_commit=_git_commit(), device=device,
             jax_version=jax.__version__, python=sys.version.split()[0],
             command=" ".join(sys.argv), configs=_CONFIGS.value))
-  jax_peak = dict(impl=IMPL, what="peak", device=device,
-                  **peak_lib.peak_matmul_flops(_PEAK_N.value))
-  emit(jax_peak)
-  peak = jax_peak["peak_flops_per_s"]
+  peaks = {}
+  for dtype in sorted({configs.get(n).dtype for n in _CONFIGS.value}):
+    jax_peak = dict(impl=IMPL, what="peak", device=device,
+                    **peak_lib.peak_matmul_flops(_PEAK_N.value,
+                                                 dtype=jnp.dtype(dtype)))
+    emit(jax_peak)
+    peaks[dtype] = jax_peak["peak_flops_per_s"]
   if _PEERS.value:
     try:
-      for rec in _run_peers(peak, emit):
+      for rec in _run_peers(peaks, emit):
         if rec.get("what") == "peak":
-          peak = max(peak, rec["peak_flops_per_s"])
+          peaks[rec["dtype"]] = max(peaks[rec["dtype"]],
+                                    rec["peak_flops_per_s"])
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       emit(dict(impl="peers", what="error",
@@ -185,6 +193,7 @@ def main(argv) -> None:
   if _OURS.value:
     for name in _CONFIGS.value:
       cfg = configs.get(name)
+      peak = peaks[cfg.dtype]
       for what in _WHAT.value:
         try:
           if what == "sample":

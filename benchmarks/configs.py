@@ -1,7 +1,9 @@
 """Benchmark configurations, shared by our runner and the peers' runner.
 
 Pure Python (no JAX, no torch), so both virtual environments import it.
-`S` is the issue's benchmark config S; `demo` is the shapes demo's
+`S` is the issue's benchmark config S; `S-bf16` the same model computing in
+bfloat16 (float32 parameters, accumulation, norms, softmax and loss; the
+peers under `torch.autocast`); `demo` is the shapes demo's
 transformer (configs/shapes_demo.py); `tiny` is a smoke-test size for
 developing the harness, not a benchmark.
 """
@@ -27,6 +29,7 @@ class BenchConfig:
   batch: int
   sample_steps: int
   guidance_scale: float = 3.0
+  dtype: str = "float32"  # compute dtype ("float32" or "bfloat16").
 
   @property
   def seq_len(self) -> int:
@@ -45,6 +48,10 @@ CONFIGS = {
         name="S", width=512, depth=8, num_heads=8, mlp_dim=2048,
         grid_size=16, text_len=32, text_dim=384, codebook_size=8192,
         batch=8, sample_steps=12),
+    "S-bf16": BenchConfig(
+        name="S-bf16", width=512, depth=8, num_heads=8, mlp_dim=2048,
+        grid_size=16, text_len=32, text_dim=384, codebook_size=8192,
+        batch=8, sample_steps=12, dtype="bfloat16"),
     "demo": BenchConfig(
         name="demo", width=128, depth=4, num_heads=4, mlp_dim=512,
         grid_size=8, text_len=24, text_dim=384, codebook_size=512,
@@ -54,6 +61,9 @@ CONFIGS = {
         grid_size=4, text_len=8, text_dim=32, codebook_size=64,
         batch=2, sample_steps=4),
 }
+
+
+DTYPES = ("float32", "bfloat16")
 
 
 def get(name: str) -> BenchConfig:

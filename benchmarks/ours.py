@@ -41,8 +41,10 @@ IMPL = "muse_jax"
 
 # What the training step recomputes in the backward pass, per config: the
 # fastest policy measured on the 2-core CPU (S: 2.9 s with dots_no_batch,
-# 3.2 s full, 3.6 s none; the demo recipe's own choice is full).
-TRAIN_REMAT = {"S": "dots_no_batch", "demo": "full"}
+# 3.2 s full, 3.6 s none; S-bf16: 1.75 s, 1.78 s full, 3.0 s none (an
+# earlier build); the demo recipe's own choice is full).
+TRAIN_REMAT = {"S": "dots_no_batch", "S-bf16": "dots_no_batch",
+               "demo": "full"}
 
 
 def transformer_config(cfg: configs.BenchConfig, scan_layers: bool = True,
@@ -51,7 +53,7 @@ def transformer_config(cfg: configs.BenchConfig, scan_layers: bool = True,
       codebook_size=cfg.codebook_size, grid_size=cfg.grid_size,
       text_dim=cfg.text_dim, width=cfg.width, depth=cfg.depth,
       num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, scan_layers=scan_layers,
-      remat_policy=remat_policy)
+      remat_policy=remat_policy, dtype=cfg.dtype)
 
 
 def _mesh_and_rules():

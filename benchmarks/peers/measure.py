@@ -11,6 +11,7 @@ work is not counted (as in our `flops_matmul`).
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import os
 import time
 from typing import Any
@@ -54,12 +55,13 @@ def device_name() -> str:
   return f"cpu: {timing.cpu_name()}"
 
 
-def peak_matmul_flops(n: int = 2048, repeats: int = 10) -> dict[str, Any]:
-  """float32 n x n x n torch.mm, warm-up excluded, median of repeats."""
-  a, b = torch.randn(n, n), torch.randn(n, n)
+def peak_matmul_flops(n: int = 2048, repeats: int = 10,
+                      dtype: str = "float32") -> dict[str, Any]:
+  """n x n x n torch.mm in `dtype`, warm-up excluded, median of repeats."""
+  a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
   t = timing.measure(lambda: torch.mm(a, b), repeats=repeats, warmup=2)
   flops = 2.0 * n**3
-  return dict(n=n, dtype="float32", flops=flops,
+  return dict(n=n, dtype=dtype, flops=flops,
               peak_flops_per_s=flops / t.median_s,
               best_flops_per_s=flops / min(t.times_s), **t.fields())
 
@@ -78,6 +80,13 @@ def counted_then_timed(fn: Callable[[], Any], repeats: int
     first = time.perf_counter() - t0
   rest = timing.measure(fn, repeats=repeats, warmup=0)
   return float(counter.get_total_flops()), timing.Timing(first, rest.times_s)
+
+
+def precision(cfg):
+  """The context a peer runs `cfg` under: bf16 autocast or nothing."""
+  if cfg.dtype == "float32":
+    return contextlib.nullcontext()
+  return torch.autocast("cpu", dtype=getattr(torch, cfg.dtype))
 
 
 def rates(record: dict[str, Any], peak: float) -> dict[str, Any]:

@@ -6,9 +6,13 @@ does this as a subprocess when given --peers):
   .venv-peers/bin/python -m benchmarks.peers.run_peers --configs=S,demo \
       [--peak_flops_per_s=X] [--impls=amused,lucidrains] [--what=sample,train]
 
-The first line is torch's measured peak matmul FLOP/s (`what: peak`);
-every record's `peak_flops_per_s` is the larger of that and
-`--peak_flops_per_s` (our JAX measurement on the same machine). A benchmark
+The first lines are torch's measured peak matmul FLOP/s (`what: peak`, one
+per dtype the configs compute in); every record's `peak_flops_per_s` is the
+larger of that and our JAX measurement on the same machine for its dtype
+(`--peak_flops_per_s`, `--peak_bf16_flops_per_s`). A `bfloat16` config runs
+the peer under `torch.autocast("cpu", torch.bfloat16)`; lucidrains' chunked
+"flash" attention then overflows (its -finfo.max fill does not fit
+bfloat16), so it runs with its plain attention there. A benchmark
 that fails prints a record with an `error` field instead of stopping the
 others.
 """
@@ -50,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--repeats_forward", type=int, default=3)
   p.add_argument("--peak_flops_per_s", type=float, default=0.0,
                  help="peak measured by JAX on this machine, if known")
+  p.add_argument("--peak_bf16_flops_per_s", type=float, default=0.0,
+                 help="the same for bfloat16 operands")
   p.add_argument("--peak_n", type=int, default=2048)
   p.add_argument("--lucid_flash", type=int, default=1,
                  help="lucidrains' flash=True (its default) or 0")
@@ -62,26 +68,26 @@ def run(args: argparse.Namespace) -> None:
   from benchmarks.peers import amused  # pylint: disable=g-import-not-at-top
   from benchmarks.peers import lucidrains  # pylint: disable=g-import-not-at-top
 
-  peak_rec = dict(impl="torch", what="peak", device=measure.device_name(),
-                  **measure.peak_matmul_flops(args.peak_n))
-  timing.emit(peak_rec)
-  peak = max(peak_rec["peak_flops_per_s"], args.peak_flops_per_s)
+  ours = dict(float32=args.peak_flops_per_s,
+              bfloat16=args.peak_bf16_flops_per_s)
+  peaks = {}
+  for dtype in sorted({configs.get(name).dtype for name in args.configs}):
+    peak_rec = dict(impl="torch", what="peak", device=measure.device_name(),
+                    **measure.peak_matmul_flops(args.peak_n, dtype=dtype))
+    timing.emit(peak_rec)
+    peaks[dtype] = max(peak_rec["peak_flops_per_s"], ours.get(dtype, 0.0))
   modules = dict(amused=amused, lucidrains=lucidrains)
   for name in args.configs:
     cfg = configs.get(name)
+    peak = peaks[cfg.dtype]
     for impl in args.impls:
       mod = modules[impl]
-      extra = {"flash": bool(args.lucid_flash)} if impl == "lucidrains" else {}
+      flash = bool(args.lucid_flash) and cfg.dtype == "float32"
+      extra = {"flash": flash} if impl == "lucidrains" else {}
       for what in args.what:
         try:
-          if what == "sample":
-            rec = mod.bench_sample(cfg, peak=peak,
-                                   repeats=args.repeats_sample,
-                                   forward_repeats=args.repeats_forward,
-                                   **extra)
-          else:
-            rec = mod.bench_train(cfg, peak=peak, repeats=args.repeats_train,
-                                  **extra)
+          with measure.precision(cfg):
+            rec = _bench(mod, what, cfg, peak, args, extra)
         except Exception as e:  # pylint: disable=broad-except
           traceback.print_exc()
           rec = dict(impl=mod.IMPL, what=what, config=name,
@@ -89,6 +95,14 @@ def run(args: argparse.Namespace) -> None:
                      device=measure.device_name())
         rec["config_detail"] = cfg.describe()
         timing.emit(rec)
+
+
+def _bench(mod, what, cfg, peak, args, extra):
+  if what == "sample":
+    return mod.bench_sample(cfg, peak=peak, repeats=args.repeats_sample,
+                            forward_repeats=args.repeats_forward, **extra)
+  return mod.bench_train(cfg, peak=peak, repeats=args.repeats_train,
+                         **extra)
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""Mixed-precision products of muse_jax.models.layers (`einsum_f32`)."""
+
+from __future__ import annotations
+
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muse_jax.models import layers
+
+# (equation, operand shapes): the layers' projections, with and without
+# ellipsis, heads-major outputs and the attention's batched products.
+CASES = [
+    ("...d,df->...f", (2, 3, 8), (8, 6)),
+    ("btd,dhk->bhtk", (2, 5, 8), (8, 2, 4)),
+    ("bhtk,hkd->btd", (2, 2, 5, 4), (2, 4, 8)),
+    ("bhtk,bhsk->bhts", (2, 2, 5, 4), (2, 2, 3, 4)),
+    ("bhts,bhsk->bhtk", (2, 2, 5, 3), (2, 2, 3, 4)),
+]
+
+
+def _operands(shape_a, shape_b, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  a = jnp.asarray(rng.normal(size=shape_a), dtype)
+  b = jnp.asarray(rng.normal(size=shape_b), dtype)
+  return a, b
+
+
+def _weights(shape, seed=1):
+  # bfloat16-representable, so rounding the cotangent to bf16 is exact.
+  w = np.random.default_rng(seed).normal(size=shape)
+  return jnp.asarray(w, jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("eqn,shape_a,shape_b", CASES)
+def test_float32_is_the_plain_einsum(eqn, shape_a, shape_b):
+  a, b = _operands(shape_a, shape_b, jnp.float32)
+  out = layers.einsum_f32(eqn, a, b)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, jnp.einsum(eqn, a, b))
+
+
+@pytest.mark.parametrize("eqn,shape_a,shape_b", CASES)
+def test_bfloat16_values_and_gradients(eqn, shape_a, shape_b):
+  a, b = _operands(shape_a, shape_b, jnp.bfloat16)
+  out = layers.einsum_f32(eqn, a, b)
+  assert out.dtype == jnp.float32
+  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+  ref = jnp.einsum(eqn, a32, b32)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+  w = _weights(out.shape)
+  grads = jax.grad(lambda a, b: jnp.sum(layers.einsum_f32(eqn, a, b) * w),
+                   argnums=(0, 1))(a, b)
+  ref_grads = jax.grad(lambda a, b: jnp.sum(jnp.einsum(eqn, a, b) * w),
+                       argnums=(0, 1))(a32, b32)
+  for g, r, x in zip(grads, ref_grads, (a, b)):
+    assert g.dtype == x.dtype == jnp.bfloat16
+    assert g.shape == x.shape
+    # The exact gradient, rounded once to bfloat16.
+    np.testing.assert_allclose(g.astype(jnp.float32),
+                               r.astype(jnp.bfloat16).astype(jnp.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+  """Operand dtypes of every dot_general in `jaxpr` and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      sub = getattr(param, "jaxpr", param)
+      if isinstance(sub, jax_core.Jaxpr):
+        found.extend(_dot_operand_dtypes(sub))
+  return found
+
+
+@pytest.mark.parametrize("eqn,shape_a,shape_b", CASES[:2])
+def test_backward_products_take_bfloat16_operands(eqn, shape_a, shape_b):
+  # The point of the custom gradient: autodiff of a float32-output product
+  # would multiply the float32 cotangent by an upcast operand.
+  a, b = _operands(shape_a, shape_b, jnp.bfloat16)
+  grad = jax.grad(lambda a, b: jnp.sum(layers.einsum_f32(eqn, a, b)),
+                  argnums=(0, 1))
+  dots = _dot_operand_dtypes(jax.make_jaxpr(grad)(a, b).jaxpr)
+  assert len(dots) == 3  # forward, and one per operand gradient.
+  assert all(d == ("bfloat16", "bfloat16") for d in dots), dots
+
+
+def test_contraction_summing_one_operand_falls_back():
+  # "c" is summed within b alone: its gradient is not an einsum of a and
+  # the cotangent, so the plain (autodiff) product is used.
+  eqn = "ab,bc->a"
+  assert not layers._grads_are_einsums(eqn)  # pylint: disable=protected-access
+  a, b = _operands((3, 4), (4, 5), jnp.bfloat16)
+  out = layers.einsum_f32(eqn, a, b)
+  assert out.dtype == jnp.float32
+  ga, gb = jax.grad(lambda a, b: jnp.sum(layers.einsum_f32(eqn, a, b)),
+                    argnums=(0, 1))(a, b)
+  assert ga.shape == a.shape and gb.shape == b.shape
