@@ -11,13 +11,13 @@ COMMAND (what `make demo` runs):
       --workdir=workdir/shapes_demo
 Smoke-size variant (tests): --config=configs/shapes_demo.py:tiny
 
-EXPECTED (2-core Intel Xeon, no GPU, measured 2026-11-29): 18-21 minutes
-including install, with the machine's state (tokenizer 116-129 s,
-transformer 843-997 s at 9.1-11.1 steps/s, evaluate ~50 s); tokenizer
-reconstructions score 99.7%; generated samples score 0.81-0.87 single /
-0.45-0.50 overall on 300 validation prompts depending on the training run
-(the current code's run: 0.81 / 0.48 at 64 sampling steps); heldout
-colour-shape pairs 0.04-0.08 overall (see README "Results").
+EXPECTED (2-core Intel Xeon, no GPU, measured 2026-11-29): 15-21 minutes
+including install, with the machine's state (tokenizer 100-129 s,
+transformer 713-997 s at 9.1-12.7 steps/s, evaluate 43-50 s); tokenizer
+reconstructions score 99.7%; generated samples score 0.81-0.89 single /
+0.45-0.54 overall on 300 validation prompts depending on the training run
+(the current code's run: 0.89 / 0.54 at 64 sampling steps); heldout
+colour-shape pairs 0.04-0.11 overall (see README "Results").
 """
 
 import ml_collections
