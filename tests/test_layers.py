@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
@@ -101,3 +102,15 @@ def test_contraction_summing_one_operand_falls_back():
   ga, gb = jax.grad(lambda a, b: jnp.sum(layers.einsum_f32(eqn, a, b)),
                     argnums=(0, 1))(a, b)
   assert ga.shape == a.shape and gb.shape == b.shape
+
+
+def test_bias_axes_must_end_the_output():
+  axes = ("embed", "heads", "kv")
+  with nnx.use_eager_sharding(False):
+    with pytest.raises(ValueError, match="must end the output"):
+      layers.Einsum("btd,dhk->bhtk", (8, 2, 4), axes, rngs=nnx.Rngs(0),
+                    use_bias=True, bias_ndim=2)
+    # The same product without a bias, or with its bias axes last, is fine.
+    layers.Einsum("btd,dhk->bhtk", (8, 2, 4), axes, rngs=nnx.Rngs(0))
+    layers.Einsum("btd,dhk->bthk", (8, 2, 4), axes, rngs=nnx.Rngs(0),
+                  use_bias=True, bias_ndim=2)

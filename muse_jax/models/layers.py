@@ -82,7 +82,7 @@ class Einsum(nnx.Module):
 
   `eqn` names the dimensions (e.g. "btd,dhk->bthk"); `shape` is the kernel
   shape and `axes` its logical axis names. The bias, when used, covers the
-  trailing `bias_ndim` kernel dimensions.
+  trailing `bias_ndim` kernel dimensions, which must also end the output.
   """
 
   def __init__(
@@ -101,6 +101,10 @@ class Einsum(nnx.Module):
   ):
     if len(shape) != len(axes):
       raise ValueError(f"Einsum {eqn!r}: shape {shape} vs axes {axes}")
+    _, kernel_subs, out = _parse_einsum(eqn)
+    if use_bias and not out.endswith(kernel_subs[-bias_ndim:]):
+      raise ValueError(f"Einsum {eqn!r}: the bias axes "
+                       f"{kernel_subs[-bias_ndim:]!r} must end the output")
     self.eqn = eqn
     self.dtype = dtype
     fan_in = math.prod(shape[:fan_in_ndim])
@@ -129,29 +133,11 @@ class Einsum(nnx.Module):
     # the bf16 x bf16 -> f32 product is the fast kernel (bf16 -> bf16 is not).
     y = einsum_f32(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
     if self.bias is not None:
-      y = y + self._bias_for_output(y.ndim, scale)
+      bias = self.bias[...]
+      if scale is not None:
+        bias = bias * scale
+      y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
-
-  def _bias_for_output(self, out_ndim: int,
-                       scale: float | None = None) -> jax.Array:
-    """The bias shaped to broadcast against the output, wherever its axes are.
-
-    The bias covers the kernel's trailing dimensions; the output may place
-    them anywhere (e.g. heads-major "btd,dhk->bhtk").
-    """
-    bias = self.bias[...]
-    if scale is not None:
-      bias = bias * scale
-    bias = bias.astype(jnp.float32)
-    _, kernel_subs, out = _parse_einsum(self.eqn)
-    letters = kernel_subs[len(kernel_subs) - bias.ndim:]
-    if "..." in out:  # Leading dims are implicit: align from the right.
-      out = "?" * (out_ndim - len(out.replace("...", ""))) + out.replace(
-          "...", "")
-    order = sorted(letters, key=out.index)
-    bias = jnp.transpose(bias, [letters.index(c) for c in order])
-    shape = [bias.shape[order.index(c)] if c in order else 1 for c in out]
-    return bias.reshape(shape)
 
 
 class Embed(nnx.Module):
