@@ -1,4 +1,5 @@
-"""Mixed-precision products of muse_jax.models.layers (`einsum_f32`)."""
+"""Mixed-precision products of muse_jax.models.layers (`einsum_f32`) and
+the low-precision attention core with its own backward pass."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from muse_jax.models import layers
 # ellipsis, heads-major outputs and the attention's batched products.
 CASES = [
     ("...d,df->...f", (2, 3, 8), (8, 6)),
+    ("...d,df->...f", (6, 8), (8, 5)),  # The MLP's rows, [B*T, D].
     ("btd,dhk->bhtk", (2, 5, 8), (8, 2, 4)),
     ("bhtk,hkd->btd", (2, 2, 5, 4), (2, 4, 8)),
     ("bhtk,bhsk->bhts", (2, 2, 5, 4), (2, 2, 3, 4)),
@@ -79,7 +81,7 @@ def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
   return found
 
 
-@pytest.mark.parametrize("eqn,shape_a,shape_b", CASES[:2])
+@pytest.mark.parametrize("eqn,shape_a,shape_b", CASES[:3])
 def test_backward_products_take_bfloat16_operands(eqn, shape_a, shape_b):
   # The point of the custom gradient: autodiff of a float32-output product
   # would multiply the float32 cotangent by an upcast operand.
@@ -114,3 +116,94 @@ def test_bias_axes_must_end_the_output():
     layers.Einsum("btd,dhk->bhtk", (8, 2, 4), axes, rngs=nnx.Rngs(0))
     layers.Einsum("btd,dhk->bthk", (8, 2, 4), axes, rngs=nnx.Rngs(0),
                   use_bias=True, bias_ndim=2)
+
+
+def _dot_contractions(jaxpr) -> list[int]:
+  """How many axes each dot_general in `jaxpr` contracts."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      found.append(len(contract))
+    for param in eqn.params.values():
+      sub = getattr(param, "jaxpr", param)
+      if isinstance(sub, jax_core.Jaxpr):
+        found.extend(_dot_contractions(sub))
+  return found
+
+
+@pytest.mark.parametrize("rows,split", [(6, True), (5, False)])
+def test_row_weight_gradient_contracts_two_axes(rows, split):
+  # The weight gradient of 2-D rows contracts them as two axes (even row
+  # count), which XLA:CPU runs in bf16; an odd count keeps the one axis.
+  a, b = _operands((rows, 8), (8, 4), jnp.bfloat16)
+  grad = jax.grad(lambda a, b: jnp.sum(layers.einsum_f32("...d,df->...f",
+                                                         a, b)),
+                  argnums=(0, 1))
+  counts = _dot_contractions(jax.make_jaxpr(grad)(a, b).jaxpr)
+  assert counts == [1, 1, 2 if split else 1], counts
+  ga, gb = grad(a, b)
+  ref_b = jnp.einsum("td,tf->df", a.astype(jnp.float32),
+                     jnp.ones((rows, 4), jnp.float32))
+  np.testing.assert_allclose(gb.astype(jnp.float32),
+                             ref_b.astype(jnp.bfloat16).astype(jnp.float32),
+                             rtol=1e-2, atol=1e-2)
+  assert ga.shape == a.shape
+
+
+def _qkv(b=2, h=3, t=5, s=7, k=4, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, h, t, k))
+  key = jax.random.normal(ks[1], (b, h, s, k))
+  v = jax.random.normal(ks[2], (b, h, s, k))
+  w = jax.random.normal(ks[3], (b, h, t, k))
+  return q, key, v, w
+
+
+# Key masks [2, 7]: None; some keys valid; a row (a dropped caption) none.
+MASKS = [None, np.array([[1, 1, 0, 1, 0, 0, 1], [0] * 7], bool),
+         np.array([[1] * 7, [0, 0, 1, 0, 0, 0, 0]], bool)]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_attention_core_matches_autodiff_in_float32(mask):
+  # The custom backward is exact math: in float32 it agrees with JAX's
+  # differentiation of the reference attention.
+  q, k, v, w = _qkv()
+  m = None if mask is None else jnp.asarray(mask)
+  ref = lambda q, k, v: jnp.sum(layers.attend(q, k, v, m) * w)
+  new = lambda q, k, v: jnp.sum(
+      layers._attend_low_precision(q, k, v, m) * w)  # pylint: disable=protected-access
+  np.testing.assert_allclose(new(q, k, v), ref(q, k, v), rtol=1e-6)
+  grads = jax.grad(new, argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  if mask is not None and not mask[1].any():
+    out = layers._attend_low_precision(q, k, v, m)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_array_equal(grads[0][1], 0.0)
+
+
+@pytest.mark.parametrize("mask", MASKS[:2])
+def test_bfloat16_attention_values_gradients_and_products(mask):
+  q, k, v, w = _qkv(seed=1)
+  m = None if mask is None else jnp.asarray(mask)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(
+      layers.attend(q, k, v, m).astype(jnp.float32) * w)
+  out = layers.attend(bf(q), bf(k), bf(v), m)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32),
+                             layers.attend(q, k, v, m), rtol=3e-2, atol=3e-2)
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  grads = grad(bf(q), bf(k), bf(v))
+  for g, r in zip(grads, grad(q, k, v)):
+    assert g.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(g.astype(jnp.float32), r, rtol=0,
+                               atol=3e-2 * scale)
+  # Forward, recomputed scores, and the four backward products: all bf16.
+  dots = _dot_operand_dtypes(jax.make_jaxpr(grad)(bf(q), bf(k), bf(v)).jaxpr)
+  assert len(dots) == 7, dots
+  assert all(d == ("bfloat16", "bfloat16") for d in dots), dots

@@ -56,8 +56,27 @@ def _einsum_f32_out_bwd(eqn, residuals, g):
   sa, sb, out = _parse_einsum(eqn)
   g = g.astype(a.dtype)
   da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+  a_rows, g_rows = _split_leading_rows(eqn, a, g)
+  db = jnp.einsum(f"{sa},{out}->{sb}", a_rows, g_rows,
+                  preferred_element_type=jnp.float32)
   return da.astype(a.dtype), db.astype(b.dtype)
+
+
+def _split_leading_rows(eqn: str, a: jax.Array, g: jax.Array):
+  """`a` and `g` with a lone leading row axis split in two, when that helps.
+
+  The weight gradient of "...d,df->...f" on 2-D rows contracts both
+  operands over their leading axis. XLA:CPU's bf16 matrix kernel (YNNPACK)
+  does not take such an operand, so XLA runs that product in float32 on its
+  fallback kernel (4x slower at config S); contracting two axes instead
+  makes XLA transpose the operands into the kernel's layout.
+  """
+  sa, _, out = _parse_einsum(eqn)
+  if (sa.startswith("...") and out.startswith("...") and a.ndim == 2
+      and g.ndim == 2 and a.shape[0] % 2 == 0):
+    return (a.reshape(2, a.shape[0] // 2, a.shape[1]),
+            g.reshape(2, g.shape[0] // 2, g.shape[1]))
+  return a, g
 
 
 _einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_f32_out_bwd)
@@ -241,7 +260,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   memory-bound hardware every pass over it costs as much as the matmuls.
   `mask` [B, S] marks valid keys; a row with no valid key attends nothing
   (a dropped caption gives zeros, not an average of padding).
+
+  Low-precision (bf16) inputs go through `_attention_core`, whose own
+  backward pass keeps every product in bf16; float32 inputs are
+  differentiated by JAX (on CPU that measured faster for float32).
   """
+  if q.dtype != jnp.float32:
+    return _attend_low_precision(q, k, v, mask)
   scores = einsum_f32("bhtk,bhsk->bhts", q, k)
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :], scores, _NEG_INF)
@@ -253,6 +278,94 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   if mask is not None:
     out = out * jnp.any(mask, axis=-1)[:, None, None, None]
   return out.astype(v.dtype)
+
+
+def _attend_low_precision(q, k, v, mask):
+  """`attend` on [B*H, T|S, K] through `_attention_core`.
+
+  Merging batch and heads is not only a reshape: XLA:CPU runs a bf16
+  product in float32 (3-4x slower) when an operand arrives as a transposed
+  view, which the heads-major swap of q/k/v is; the merged copy is laid out
+  the way its bf16 kernel takes.
+  """
+  b, h, t, kd = q.shape
+  s = k.shape[2]
+  valid = None
+  if mask is not None:
+    valid = jnp.broadcast_to(mask[:, None, None, :], (b, h, 1, s))
+    valid = valid.reshape(b * h, 1, s)
+  out = _attention_core(h, q.reshape(b * h, t, kd), k.reshape(b * h, s, kd),
+                        v.reshape(b * h, s, v.shape[-1]), valid)
+  out = out.reshape(b, h, t, v.shape[-1])
+  if mask is not None:
+    out = out * jnp.any(mask, axis=-1)[:, None, None, None].astype(out.dtype)
+  return out
+
+
+def _scores(q, k, valid):
+  scores = jnp.einsum("ntk,nsk->nts", q, k, preferred_element_type=jnp.float32)
+  return scores if valid is None else jnp.where(valid, scores, _NEG_INF)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_core(heads, q, k, v, valid):
+  """Softmax attention [N, T, K] x [N, S, K] -> [N, T, K] in v's dtype.
+
+  N = batch * `heads` (batch-major). The backward pass recomputes the
+  probabilities from the saved log-normaliser, as flash attention does,
+  and lays every product out as [N, rows, contraction] x [N, contraction,
+  cols] so that XLA:CPU keeps it in bf16 (see `_key_major`).
+  """
+  return _attention_core_fwd(heads, q, k, v, valid)[0]
+
+
+def _attention_core_fwd(heads, q, k, v, valid):
+  del heads
+  scores = _scores(q, k, valid)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  unnormalised = jnp.exp(scores - top)
+  denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  out = jnp.einsum("nts,nsk->ntk", unnormalised.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / denom
+  out = out.astype(v.dtype)
+  return out, (q, k, v, valid, out, top + jnp.log(denom))
+
+
+def _key_major(x: jax.Array, heads: int) -> jax.Array:
+  """[N, T, S] -> [B, H, S, T]: the swap and the batch split in one copy.
+
+  Splitting N back into (batch, heads) after the swap keeps XLA from
+  folding the transpose into the product that follows, which it would
+  otherwise run in float32.
+  """
+  n, t, s = x.shape
+  return jnp.swapaxes(x, 1, 2).reshape(n // heads, heads, s, t)
+
+
+def _attention_core_bwd(heads, residuals, g):
+  q, k, v, valid, out, log_norm = residuals
+  dtype = v.dtype
+  n, t, kd = q.shape
+  g = g.astype(dtype)
+  # d/dscores of softmax: P * (dP - rowsum(dO * O)).
+  row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+                keepdims=True)
+  probs = jnp.exp(_scores(q, k, valid) - log_norm)
+  dprobs = jnp.einsum("ntk,nsk->nts", g, v, preferred_element_type=jnp.float32)
+  dscores = probs * (dprobs - row)
+  dq = jnp.einsum("nts,nsk->ntk", dscores.astype(dtype), k,
+                  preferred_element_type=jnp.float32)
+  g4 = g.reshape(n // heads, heads, t, g.shape[-1])
+  q4 = q.reshape(n // heads, heads, t, kd)
+  dv = jnp.einsum("bhst,bhtk->bhsk", _key_major(probs.astype(dtype), heads),
+                  g4, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bhst,bhtk->bhsk", _key_major(dscores.astype(dtype), heads),
+                  q4, preferred_element_type=jnp.float32)
+  return (dq.astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
+          dv.reshape(v.shape).astype(v.dtype), None)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nnx.Module):
