@@ -332,20 +332,29 @@ def _attention_core_fwd(heads, q, k, v, valid):
 
 
 def _key_major(x: jax.Array, heads: int) -> jax.Array:
-  """[N, T, S] -> [B, H, S, T]: the swap and the batch split in one copy.
+  """float32 [N, T, S] -> [B, H, S, T], the left operand of dk and dv.
 
-  Splitting N back into (batch, heads) after the swap keeps XLA from
-  folding the transpose into the product that follows, which it would
-  otherwise run in float32.
+  XLA:CPU runs a bf16 product in float32 when an operand reaches it as a
+  transposed view. Transposing in float32, splitting N back into (batch,
+  heads) and rounding afterwards hands the product a laid-out bf16 array.
   """
   n, t, s = x.shape
   return jnp.swapaxes(x, 1, 2).reshape(n // heads, heads, s, t)
 
 
+def _split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """[N, T, K] -> [B, H, T, K], the right operand of dk and dv.
+
+  The barrier stops XLA from merging this reshape with the one that made
+  the residual, which would hand the product the transposed view again.
+  """
+  n, t, k = x.shape
+  return jax.lax.optimization_barrier(x).reshape(n // heads, heads, t, k)
+
+
 def _attention_core_bwd(heads, residuals, g):
   q, k, v, valid, out, log_norm = residuals
   dtype = v.dtype
-  n, t, kd = q.shape
   g = g.astype(dtype)
   # d/dscores of softmax: P * (dP - rowsum(dO * O)).
   row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
@@ -355,12 +364,10 @@ def _attention_core_bwd(heads, residuals, g):
   dscores = probs * (dprobs - row)
   dq = jnp.einsum("nts,nsk->ntk", dscores.astype(dtype), k,
                   preferred_element_type=jnp.float32)
-  g4 = g.reshape(n // heads, heads, t, g.shape[-1])
-  q4 = q.reshape(n // heads, heads, t, kd)
-  dv = jnp.einsum("bhst,bhtk->bhsk", _key_major(probs.astype(dtype), heads),
-                  g4, preferred_element_type=jnp.float32)
-  dk = jnp.einsum("bhst,bhtk->bhsk", _key_major(dscores.astype(dtype), heads),
-                  q4, preferred_element_type=jnp.float32)
+  dv = jnp.einsum("bhst,bhtk->bhsk", _key_major(probs, heads).astype(dtype),
+                  _split_heads(g, heads), preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bhst,bhtk->bhsk", _key_major(dscores, heads).astype(dtype),
+                  _split_heads(q, heads), preferred_element_type=jnp.float32)
   return (dq.astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
           dv.reshape(v.shape).astype(v.dtype), None)
 
