@@ -40,9 +40,10 @@ IMPL = "muse_jax"
 
 
 # What the training step recomputes in the backward pass, per config: the
-# fastest policy measured on the 2-core CPU (S: 2.9 s with dots_no_batch,
-# 3.2 s full, 3.6 s none; S-bf16: 1.75 s, 1.78 s full, 3.0 s none (an
-# earlier build); the demo recipe's own choice is full).
+# fastest policy measured on the 2-core CPU (2026-11-29, the Xeon: S 2.56 s
+# with dots_no_batch, 2.68 s full, 3.02 s none; S-bf16 with the attention
+# core's own backward 1.17-1.24 s dots_no_batch, 1.17-1.27 s full (within
+# the machine's drift), 2.06 s none; the demo recipe's own choice is full).
 TRAIN_REMAT = {"S": "dots_no_batch", "S-bf16": "dots_no_batch",
                "demo": "full"}
 

@@ -16,8 +16,9 @@ including install, with the machine's state (tokenizer 100-129 s,
 transformer 713-997 s at 9.1-12.7 steps/s, evaluate 43-50 s); tokenizer
 reconstructions score 99.7%; generated samples score 0.81-0.89 single /
 0.45-0.54 overall on 300 validation prompts depending on the training run
-(the current code's run: 0.89 / 0.54 at 64 sampling steps); heldout
-colour-shape pairs 0.04-0.11 overall (see README "Results").
+(the current code's run, 16 m 25 s with install: 0.86 / 0.507 at 64
+sampling steps); heldout colour-shape pairs 0.04-0.11 overall (see README
+"Results").
 """
 
 import ml_collections
