@@ -63,9 +63,6 @@ CONFIGS = {
 }
 
 
-DTYPES = ("float32", "bfloat16")
-
-
 def get(name: str) -> BenchConfig:
   if name not in CONFIGS:
     raise ValueError(f"unknown benchmark config {name!r}; "

@@ -68,17 +68,23 @@ def test_bfloat16_values_and_gradients(eqn, shape_a, shape_b):
                                rtol=1e-2, atol=1e-2)
 
 
-def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
-  """Operand dtypes of every dot_general in `jaxpr` and its sub-jaxprs."""
+def _dots(jaxpr) -> list:
+  """Every dot_general equation in `jaxpr` and its sub-jaxprs, in order."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
-      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      found.append(eqn)
     for param in eqn.params.values():
       sub = getattr(param, "jaxpr", param)
       if isinstance(sub, jax_core.Jaxpr):
-        found.extend(_dot_operand_dtypes(sub))
+        found.extend(_dots(sub))
   return found
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+  """Operand dtypes of every dot_general in `jaxpr` and its sub-jaxprs."""
+  return [tuple(str(v.aval.dtype) for v in eqn.invars)
+          for eqn in _dots(jaxpr)]
 
 
 @pytest.mark.parametrize("eqn,shape_a,shape_b", CASES[:3])
@@ -120,16 +126,7 @@ def test_bias_axes_must_end_the_output():
 
 def _dot_contractions(jaxpr) -> list[int]:
   """How many axes each dot_general in `jaxpr` contracts."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (contract, _), _ = eqn.params["dimension_numbers"]
-      found.append(len(contract))
-    for param in eqn.params.values():
-      sub = getattr(param, "jaxpr", param)
-      if isinstance(sub, jax_core.Jaxpr):
-        found.extend(_dot_contractions(sub))
-  return found
+  return [len(eqn.params["dimension_numbers"][0][0]) for eqn in _dots(jaxpr)]
 
 
 @pytest.mark.parametrize("rows,split", [(6, True), (5, False)])

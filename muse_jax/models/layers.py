@@ -56,22 +56,22 @@ def _einsum_f32_out_bwd(eqn, residuals, g):
   sa, sb, out = _parse_einsum(eqn)
   g = g.astype(a.dtype)
   da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
-  a_rows, g_rows = _split_leading_rows(eqn, a, g)
+  a_rows, g_rows = _split_leading_rows(sa, out, a, g)
   db = jnp.einsum(f"{sa},{out}->{sb}", a_rows, g_rows,
                   preferred_element_type=jnp.float32)
   return da.astype(a.dtype), db.astype(b.dtype)
 
 
-def _split_leading_rows(eqn: str, a: jax.Array, g: jax.Array):
+def _split_leading_rows(sa: str, out: str, a: jax.Array, g: jax.Array):
   """`a` and `g` with a lone leading row axis split in two, when that helps.
 
   The weight gradient of "...d,df->...f" on 2-D rows contracts both
   operands over their leading axis. XLA:CPU's bf16 matrix kernel (YNNPACK)
   does not take such an operand, so XLA runs that product in float32 on its
   fallback kernel (4x slower at config S); contracting two axes instead
-  makes XLA transpose the operands into the kernel's layout.
+  makes XLA transpose the operands into the kernel's layout. `sa` and
+  `out` are the subscripts of `a` and of the product's output.
   """
-  sa, _, out = _parse_einsum(eqn)
   if (sa.startswith("...") and out.startswith("...") and a.ndim == 2
       and g.ndim == 2 and a.shape[0] % 2 == 0):
     return (a.reshape(2, a.shape[0] // 2, a.shape[1]),
