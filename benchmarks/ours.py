@@ -18,8 +18,10 @@ text embeddings, timed step by step.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from flax import nnx
 from flax.core import spmd as flax_spmd
@@ -85,10 +87,18 @@ def _memory(compiled) -> dict[str, Any]:
   return out
 
 
-def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
-                 repeats: int = 3, forward_repeats: int = 3,
-                 seed: int = 0) -> dict[str, Any]:
-  """One JSON record: images/s of the full sampler, FLOPs, overhead share."""
+@dataclasses.dataclass
+class Program:
+  """A compiled benchmark program and what its callers need around it."""
+
+  compiled: Any
+  compile_s: float
+  run: Callable[[], Any]  # One call, blocked until ready.
+  parts: dict[str, Any]  # What built it (model, batch, state maker, ...).
+
+
+def sample_program(cfg: configs.BenchConfig, seed: int = 0) -> Program:
+  """The library's sampler at `cfg`, compiled, on random text embeddings."""
   mesh, rules = _mesh_and_rules()
   tcfg = transformer_config(cfg)
   make = lambda: MaskedTransformer(tcfg, rngs=nnx.Rngs(seed))
@@ -97,15 +107,27 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   scfg = sampling.SamplerConfig(num_steps=cfg.sample_steps,
                                 guidance_scale=cfg.guidance_scale)
   rng = jax.random.key(seed)
-
   timing.log(f"[{IMPL}] sample {cfg.name}: compiling")
   t0 = time.perf_counter()
-  lowered = sampling.sample.lower(model, rng, emb, mask, cfg=scfg)
-  compiled = lowered.compile()
+  compiled = sampling.sample.lower(model, rng, emb, mask, cfg=scfg).compile()
   compile_s = time.perf_counter() - t0
   run = lambda: jax.block_until_ready(compiled(model, rng, emb, mask))
+  return Program(compiled, compile_s, run,
+                 dict(mesh=mesh, rules=rules, tcfg=tcfg, model=model,
+                      emb=emb, mask=mask, scfg=scfg))
+
+
+def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
+                 repeats: int = 3, forward_repeats: int = 3,
+                 seed: int = 0) -> dict[str, Any]:
+  """One JSON record: images/s of the full sampler, FLOPs, overhead share."""
+  prog = sample_program(cfg, seed)
+  compiled, compile_s = prog.compiled, prog.compile_s
+  mesh, rules, tcfg, model, emb, mask, scfg = (
+      prog.parts[k] for k in ("mesh", "rules", "tcfg", "model", "emb",
+                              "mask", "scfg"))
   timing.log(f"[{IMPL}] sample {cfg.name}: timing {repeats} repeats")
-  t = timing.measure(run, repeats=repeats)
+  t = timing.measure(prog.run, repeats=repeats)
 
   # The bare transformer forwards the sampler makes: the features at 2B,
   # the output layer on the guided features at B.
@@ -161,13 +183,18 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   return rec
 
 
-def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
-                repeats: int = 5, seed: int = 0) -> dict[str, Any]:
-  """One JSON record: training tokens/s and steps/s, FLOPs per step."""
+@contextlib.contextmanager
+def train_program(cfg: configs.BenchConfig, seed: int = 0
+                  ) -> Iterator[Program]:
+  """Our training step at `cfg`, compiled, state created sharded.
+
+  The mesh and logical-axis rules stay in effect inside the `with`, for
+  callers that lower more programs (the FLOP count). Each `run()` takes one
+  optimizer step from the previous one's state and returns its metrics.
+  """
   mesh, rules = _mesh_and_rules()
   tx = OptimizerConfig().make(total_steps=10_000)
   loss_fn = make_loss_fn(ObjectiveConfig())
-
   remat = TRAIN_REMAT.get(cfg.name, "none")
 
   def state_maker(scan_layers: bool, remat_policy: str):
@@ -206,15 +233,28 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
       holder["step"] += 1
       return metrics
 
-    timing.log(f"[{IMPL}] train {cfg.name}: timing {repeats} steps")
-    t = timing.measure(one_step, repeats=repeats)
-    loss = float(one_step()["loss"])
+    yield Program(compiled, compile_s, one_step,
+                  dict(mesh=mesh, rules=rules, loss_fn=loss_fn, batch=batch,
+                       remat=remat, state_maker=state_maker))
 
+
+def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
+                repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+  """One JSON record: training tokens/s and steps/s, FLOPs per step."""
+  with train_program(cfg, seed) as prog:
+    compiled, compile_s = prog.compiled, prog.compile_s
+    remat = prog.parts["remat"]
+    timing.log(f"[{IMPL}] train {cfg.name}: timing {repeats} steps")
+    t = timing.measure(prog.run, repeats=repeats)
+    loss = float(prog.run()["loss"])
+
+    mesh, rules = prog.parts["mesh"], prog.parts["rules"]
     graphdef_u, abstract_u, shardings_u = sharding.abstract_state(
-        state_maker(False, "none"), mesh, rules)
-    step_u = make_train_step(graphdef_u, loss_fn, seed, shardings_u)
+        prog.parts["state_maker"](False, "none"), mesh, rules)
+    step_u = make_train_step(graphdef_u, prog.parts["loss_fn"], seed,
+                             shardings_u)
     flops = flops_lib.xla_flops(step_u.lower(
-        abstract_u, batch, jnp.asarray(0, jnp.int32)))
+        abstract_u, prog.parts["batch"], jnp.asarray(0, jnp.int32)))
 
   rec = timing.throughput_record(IMPL, "train", cfg, t)
   rec.update(
