@@ -16,8 +16,9 @@ model's differentiation). It prints JSON lines: one `summary`, one line per
 
 Read the numbers as a profile, not a budget: XLA:CPU runs independent
 operations concurrently, so the ops' durations can add up to more than the
-wall time (`overlap_ms`), and an op sharing the two cores with another runs
-slower than alone. Loops (`while`, `conditional`, `call`) are left out:
+wall time (`overlap_ms`; negative when gaps between ops, such as dispatch
+on a tiny program, outweigh it), and an op sharing the two cores with
+another runs slower than alone. Loops (`while`, `conditional`, `call`) are left out:
 their time is their body's ops, which are counted.
 """
 
@@ -87,7 +88,8 @@ def parse_hlo(text: str) -> dict[str, Op]:
   """
   bodies: dict[str, list[str]] = {}  # computation -> opcodes
   sources: dict[str, str] = {}  # computation -> its last op_name
-  instrs: list[tuple[str, str, str, str]] = []
+  # (name, shape, opcode, op_name, called computation)
+  instrs: list[tuple[str, str, str, str, str | None]] = []
   current = None
   for line in text.splitlines():
     head = _COMP.match(line)
@@ -99,15 +101,18 @@ def parse_hlo(text: str) -> dict[str, Op]:
     if not m:
       continue
     opcode = m.group("opcode")
+    src = re.search(r'op_name="([^"]*)"', m.group("rest"))
+    calls = re.search(r"calls=%([\w.\-]+)", m.group("rest"))
     if current is not None:
       bodies[current].append(opcode)
-      src = re.search(r'op_name="([^"]*)"', m.group("rest"))
       if src:
         sources[current] = src.group(1)
-    instrs.append((m.group("name"), m.group("shape"), opcode, m.group("rest")))
+    instrs.append((m.group("name"), m.group("shape"), opcode,
+                   src.group(1) if src else "",
+                   calls.group(1) if calls else None))
 
   def fused_kind(comp: str | None) -> str:
-    ops = bodies.get(comp or "", [])
+    ops = bodies.get(comp, []) if comp else []
     if any(o in ("dot", "convolution") for o in ops):
       return "matmul"
     if any(o in ("copy", "transpose") for o in ops):
@@ -115,12 +120,9 @@ def parse_hlo(text: str) -> dict[str, Op]:
     return "elementwise"
 
   out = {}
-  for name, shape, opcode, rest in instrs:
-    src = re.search(r'op_name="([^"]*)"', rest)
-    calls = re.search(r"calls=%([\w.\-]+)", rest)
-    source = src.group(1) if src else ""
+  for name, shape, opcode, source, calls in instrs:
     if not source and calls:  # XLA made the fusion; its ops know their pass.
-      source = sources.get(calls.group(1), "")
+      source = sources.get(calls, "")
     if opcode in ("dot", "convolution"):
       kind = "matmul"
     elif opcode in ("copy", "transpose"):
@@ -128,7 +130,7 @@ def parse_hlo(text: str) -> dict[str, Op]:
     elif opcode in _CONTROL:
       kind = "control"
     elif opcode == "fusion":
-      kind = fused_kind(calls.group(1) if calls else None)
+      kind = fused_kind(calls)
     else:
       kind = "elementwise"
     out[name] = Op(name, shape, opcode, kind, _phase(source), source)
