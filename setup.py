@@ -26,6 +26,8 @@ setuptools.setup(
         "tokenizers>=0.23.0",
         "pillow>=10.0",
         "scipy>=1.11",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],

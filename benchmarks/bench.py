@@ -64,6 +64,9 @@ _LUCID_FLASH = flags.DEFINE_bool(
 _OUT = flags.DEFINE_string("out", "", "also append the JSON lines here")
 _TABLE_OUT = flags.DEFINE_string("table_out", "",
                                  "write the markdown results table here")
+_FORCE_BF16 = flags.DEFINE_bool(
+    "force_bf16", False, "run bfloat16 configs even on a CPU without "
+    "native bf16 (slow: hours for the peers)")
 
 IMPL = ours.IMPL
 METRIC = {"sample": "images_per_s", "train": "tokens_per_s"}
@@ -83,14 +86,15 @@ def _git_commit() -> str | None:
     return None
 
 
-def _run_peers(peaks: dict[str, float], emit) -> list[dict[str, Any]]:
+def _run_peers(peaks: dict[str, float], emit, names: list[str]
+               ) -> list[dict[str, Any]]:
   """Runs run_peers.py in the peers' venv, relaying its JSON lines."""
   if not os.path.exists(_PEERS_PYTHON.value):
     raise FileNotFoundError(
         f"{_PEERS_PYTHON.value} not found: create the peers' venv "
         "(`make bench` does) or pass --peers_python")
   cmd = [_PEERS_PYTHON.value, "-m", "benchmarks.peers.run_peers",
-         f"--configs={','.join(_CONFIGS.value)}",
+         f"--configs={','.join(names)}",
          f"--what={','.join(_WHAT.value)}",
          f"--impls={','.join(_PEER_IMPLS.value)}",
          f"--repeats_sample={_REPEATS_SAMPLE.value}",
@@ -162,6 +166,17 @@ def main(argv) -> None:
     timing.emit(rec, out)
 
   device = peak_lib.device_name()
+  has_bf16, evidence = peak_lib.native_bf16()
+  names = []
+  for name in _CONFIGS.value:
+    if configs.get(name).dtype == "bfloat16" and not (has_bf16 or
+                                                      _FORCE_BF16.value):
+      timing.log(f"skipping config {name}: no native bf16 on this machine "
+                 f"({evidence}); --force_bf16 runs it anyway")
+      emit(dict(what="skip", impl="bench", config=name,
+                reason=f"no native bf16: {evidence}"))
+      continue
+    names.append(name)
   load = os.getloadavg()[0]
   if load > 0.5:
     timing.log(f"warning: 1-minute load average is {load:.2f}; other work "
@@ -172,9 +187,10 @@ def main(argv) -> None:
                 timespec="seconds"),
             git_commit=_git_commit(), device=device,
             jax_version=jax.__version__, python=sys.version.split()[0],
-            command=" ".join(sys.argv), configs=_CONFIGS.value))
+            command=" ".join(sys.argv), configs=names,
+            native_bf16=has_bf16, native_bf16_evidence=evidence))
   peaks = {}
-  for dtype in sorted({configs.get(n).dtype for n in _CONFIGS.value}):
+  for dtype in sorted({configs.get(n).dtype for n in names}):
     jax_peak = dict(impl=IMPL, what="peak", device=device,
                     **peak_lib.peak_matmul_flops(_PEAK_N.value,
                                                  dtype=jnp.dtype(dtype)))
@@ -182,7 +198,7 @@ def main(argv) -> None:
     peaks[dtype] = jax_peak["peak_flops_per_s"]
   if _PEERS.value:
     try:
-      for rec in _run_peers(peaks, emit):
+      for rec in _run_peers(peaks, emit, names):
         if rec.get("what") == "peak":
           peaks[rec["dtype"]] = max(peaks[rec["dtype"]],
                                     rec["peak_flops_per_s"])
@@ -191,7 +207,7 @@ def main(argv) -> None:
       emit(dict(impl="peers", what="error",
                 error=f"{type(e).__name__}: {e}"))
   if _OURS.value:
-    for name in _CONFIGS.value:
+    for name in names:
       cfg = configs.get(name)
       peak = peaks[cfg.dtype]
       for what in _WHAT.value:

@@ -30,6 +30,9 @@ class BenchConfig:
   sample_steps: int
   guidance_scale: float = 3.0
   dtype: str = "float32"  # compute dtype ("float32" or "bfloat16").
+  # Our model's implementation: the XLA:CPU path ("xla_cpu") on the CPU
+  # benchmarks; "plain" is the default path TPU/GPU users run.
+  impl: str = "xla_cpu"
 
   @property
   def seq_len(self) -> int:

@@ -1,19 +1,23 @@
 """Our sampler and training step at a benchmark config (muse_jax, JAX).
 
 Sampling: the library's jitted `muse_jax.sampling.sample` (one program:
-text keys/values once, a `fori_loop` over steps, guidance batched into one
-forward over [cond; uncond]) on random text embeddings, compiled ahead of
-time so compile time is reported on its own. The bare transformer forwards
-(`model.decode_features` at batch 2B with the text keys/values given and
-cross-attention for the B rows with text, then `model.head_logits` at B,
-as the sampler runs them) are timed separately;
+the context's keys/values once, a `fori_loop` over steps, guidance batched
+into one forward over the context's guidance pair) on random text
+embeddings, compiled ahead of time so compile time is reported on its own.
+The bare transformer forwards (`model.features` at batch 2B with the
+context keys/values given, cross-attention for the B rows with text, then
+`model.head_logits` at B, as the sampler runs them) are timed separately;
 `non_transformer_fraction = 1 - steps * forward / sample` is the share of
 sampling time spent outside them.
 
-Training: `muse_jax.trainers.common.make_train_step` with the masked-token
-loss of `muse_jax.trainers.transformer` and AdamW (OptimizerConfig
+Training: the training loop's jitted step (`muse_jax.training.loop
+.make_step`) with the masked-transformer task and AdamW (OptimizerConfig
 defaults), state created sharded on a one-axis data mesh, random tokens and
 text embeddings, timed step by step.
+
+Both run the model's XLA:CPU implementation (`attention_impl` /
+`matmul_impl="xla_cpu"`, the fused loss) unless the config says
+otherwise (`BenchConfig.impl`); tests hold it equal to the plain path.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import flops as flops_lib
 from benchmarks import timing
+from muse_jax import conditioning
 from muse_jax import sampling
 from muse_jax import sharding
 from muse_jax.models.transformer import MaskedTransformer, TransformerConfig
-from muse_jax.trainers.common import OptimizerConfig, make_train_step
-from muse_jax.trainers.transformer import ObjectiveConfig, make_loss_fn
+from muse_jax.tasks.masked_transformer import (MaskedTransformerTask,
+                                               ObjectiveConfig)
+from muse_jax.training import loop as loop_lib
+from muse_jax.training.optimizer import OptimizerConfig
 
 IMPL = "muse_jax"
 
@@ -56,7 +63,12 @@ def transformer_config(cfg: configs.BenchConfig, scan_layers: bool = True,
       codebook_size=cfg.codebook_size, grid_size=cfg.grid_size,
       text_dim=cfg.text_dim, width=cfg.width, depth=cfg.depth,
       num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, scan_layers=scan_layers,
-      remat_policy=remat_policy, dtype=cfg.dtype)
+      remat_policy=remat_policy, dtype=cfg.dtype, attention_impl=cfg.impl,
+      matmul_impl=cfg.impl)
+
+
+def _loss_impl(cfg: configs.BenchConfig) -> str:
+  return "fused" if cfg.impl == "xla_cpu" else "plain"
 
 
 def _mesh_and_rules():
@@ -104,17 +116,18 @@ def sample_program(cfg: configs.BenchConfig, seed: int = 0) -> Program:
   make = lambda: MaskedTransformer(tcfg, rngs=nnx.Rngs(seed))
   model = sharding.create_sharded(make, mesh, rules)
   emb, mask = (jnp.asarray(a) for a in _text(cfg, cfg.batch, seed))
+  text = conditioning.Text(emb, mask)
   scfg = sampling.SamplerConfig(num_steps=cfg.sample_steps,
                                 guidance_scale=cfg.guidance_scale)
   rng = jax.random.key(seed)
   timing.log(f"[{IMPL}] sample {cfg.name}: compiling")
   t0 = time.perf_counter()
-  compiled = sampling.sample.lower(model, rng, emb, mask, cfg=scfg).compile()
+  compiled = sampling.sample.lower(model, rng, text, cfg=scfg).compile()
   compile_s = time.perf_counter() - t0
-  run = lambda: jax.block_until_ready(compiled(model, rng, emb, mask))
+  run = lambda: jax.block_until_ready(compiled(model, rng, text))
   return Program(compiled, compile_s, run,
                  dict(mesh=mesh, rules=rules, tcfg=tcfg, model=model,
-                      emb=emb, mask=mask, scfg=scfg))
+                      text=text, scfg=scfg))
 
 
 def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
@@ -123,29 +136,28 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
   """One JSON record: images/s of the full sampler, FLOPs, overhead share."""
   prog = sample_program(cfg, seed)
   compiled, compile_s = prog.compiled, prog.compile_s
-  mesh, rules, tcfg, model, emb, mask, scfg = (
-      prog.parts[k] for k in ("mesh", "rules", "tcfg", "model", "emb",
-                              "mask", "scfg"))
+  mesh, rules, tcfg, model, text, scfg = (
+      prog.parts[k] for k in ("mesh", "rules", "tcfg", "model", "text",
+                              "scfg"))
   timing.log(f"[{IMPL}] sample {cfg.name}: timing {repeats} repeats")
   t = timing.measure(prog.run, repeats=repeats)
 
   # The bare transformer forwards the sampler makes: the features at 2B,
   # the output layer on the guided features at B.
-  guided, ctx, ctx_mask, text_rows = sampling.guidance_context(
-      scfg, emb, mask)
+  guided = scfg.guided()
   b2 = 2 * cfg.batch if guided else cfg.batch
-  kv = jax.jit(lambda m, e: m.text_kv(e))(model, ctx)
+  kv_fn = lambda m, t: sampling.guidance_kv(m, scfg, t)
+  kv = jax.jit(kv_fn)(model, text)
   tokens = jnp.full((b2, cfg.seq_len), tcfg.mask_token_id, jnp.int32)
-  features_fn = lambda m, x, kv, k: m.decode_features(x, kv, k,
-                                                      text_rows=text_rows)
+  features_fn = lambda m, x, kv: m.features(x, kv)
   head_fn = lambda m, h: m.head_logits(h[:cfg.batch])
-  feats_c = jax.jit(features_fn).lower(model, tokens, kv, ctx_mask).compile()
-  feats = feats_c(model, tokens, kv, ctx_mask)
+  feats_c = jax.jit(features_fn).lower(model, tokens, kv).compile()
+  feats = feats_c(model, tokens, kv)
   head_c = jax.jit(head_fn).lower(model, feats).compile()
   timing.log(f"[{IMPL}] sample {cfg.name}: timing bare forwards")
   ft = timing.measure(
       lambda: jax.block_until_ready(
-          head_c(model, feats_c(model, tokens, kv, ctx_mask))),
+          head_c(model, feats_c(model, tokens, kv))),
       repeats=forward_repeats)
   forwards_s = cfg.sample_steps * ft.median_s
 
@@ -155,11 +167,10 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
                                 rngs=nnx.Rngs(seed)), mesh, rules)
   unrolled = lambda fn: jax.jit(
       lambda s, *a: fn(nnx.merge(graphdef_u, s), *a))
-  kv_flops = flops_lib.xla_flops(
-      unrolled(lambda m, e: m.text_kv(e)).lower(abstract_u, ctx))
+  kv_flops = flops_lib.xla_flops(unrolled(kv_fn).lower(abstract_u, text))
   fwd_flops = (
       flops_lib.xla_flops(unrolled(features_fn).lower(
-          abstract_u, tokens, kv, ctx_mask))
+          abstract_u, tokens, kv))
       + flops_lib.xla_flops(unrolled(head_fn).lower(abstract_u, feats)))
   rec = timing.throughput_record(IMPL, "sample", cfg, t)
   rec.update(
@@ -193,49 +204,43 @@ def train_program(cfg: configs.BenchConfig, seed: int = 0
   optimizer step from the previous one's state and returns its metrics.
   """
   mesh, rules = _mesh_and_rules()
-  tx = OptimizerConfig().make(total_steps=10_000)
-  loss_fn = make_loss_fn(ObjectiveConfig())
   remat = TRAIN_REMAT.get(cfg.name, "none")
 
-  def state_maker(scan_layers: bool, remat_policy: str):
-    tcfg = transformer_config(cfg, scan_layers, remat_policy)
+  def task_of(scan_layers: bool, remat_policy: str):
+    return MaskedTransformerTask(
+        transformer_config(cfg, scan_layers, remat_policy),
+        OptimizerConfig(), ObjectiveConfig(loss_impl=_loss_impl(cfg)),
+        num_steps=10_000, seed=seed)
 
-    def make_state():
-      model = MaskedTransformer(tcfg, rngs=nnx.Rngs(seed))
-      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-    return make_state
-
-  graphdef, _, shardings = sharding.abstract_state(
-      state_maker(True, remat), mesh, rules)
   rng = np.random.default_rng(seed)
   emb, mask = _text(cfg, cfg.batch, seed)
   host_batch = dict(
       tokens=rng.integers(0, cfg.codebook_size, (cfg.batch, cfg.seq_len),
                           dtype=np.int32),
       text_emb=emb, text_mask=mask)
+  task = task_of(True, remat)
   with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
-    state = nnx.split(sharding.create_sharded(state_maker(True, remat), mesh,
-                                              rules))[1]
+    state = loop_lib.create_state(task, mesh, rules)
     batch = sharding.global_batch(host_batch, mesh, rules)
-    step_fn = make_train_step(graphdef, loss_fn, seed, shardings)
+    step_fn = loop_lib.make_step(task, state, {}, seed)
     timing.log(f"[{IMPL}] train {cfg.name}: compiling")
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, jnp.asarray(0, jnp.int32)
-                             ).compile()
+    compiled = step_fn.lower(state.states, {}, batch,
+                             jnp.asarray(0, jnp.int32)).compile()
     compile_s = time.perf_counter() - t0
-    holder = dict(state=state, step=0)
+    holder = dict(state=state.states, step=0)
 
     def one_step():
       new_state, metrics = compiled(
-          holder["state"], batch, jnp.asarray(holder["step"], jnp.int32))
+          holder["state"], {}, batch, jnp.asarray(holder["step"], jnp.int32))
       jax.block_until_ready((new_state, metrics))
       holder["state"] = new_state
       holder["step"] += 1
       return metrics
 
     yield Program(compiled, compile_s, one_step,
-                  dict(mesh=mesh, rules=rules, loss_fn=loss_fn, batch=batch,
-                       remat=remat, state_maker=state_maker))
+                  dict(mesh=mesh, rules=rules, batch=batch, remat=remat,
+                       task_of=task_of))
 
 
 def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
@@ -249,19 +254,19 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
     loss = float(prog.run()["loss"])
 
     mesh, rules = prog.parts["mesh"], prog.parts["rules"]
-    graphdef_u, abstract_u, shardings_u = sharding.abstract_state(
-        prog.parts["state_maker"](False, "none"), mesh, rules)
-    step_u = make_train_step(graphdef_u, prog.parts["loss_fn"], seed,
-                             shardings_u)
+    task_u = prog.parts["task_of"](False, "none")
+    abstract_u = loop_lib.abstract_state(task_u, mesh, rules)
+    step_u = loop_lib.make_step(task_u, abstract_u, {}, seed)
     flops = flops_lib.xla_flops(step_u.lower(
-        abstract_u, prog.parts["batch"], jnp.asarray(0, jnp.int32)))
+        abstract_u.states, {}, prog.parts["batch"],
+        jnp.asarray(0, jnp.int32)))
 
   rec = timing.throughput_record(IMPL, "train", cfg, t)
   rec.update(
       compile_s=compile_s, flops=flops,
       xla_flops_raw=flops_lib.xla_flops(compiled),
       flops_matmul=flops_lib.ours_train_matmul_flops(cfg, cfg.batch),
-      final_loss=loss, remat_policy=remat, device=device,
+      final_loss=loss, remat_policy=remat, impl=cfg.impl, device=device,
       jax_version=jax.__version__,
       note="AdamW (OptimizerConfig defaults, global-norm clipping), masked "
            "cross-entropy on random tokens; flops = XLA cost analysis of "

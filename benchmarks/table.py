@@ -1,6 +1,6 @@
 """Turns benchmark JSON lines into the README's markdown results table.
 
-  python -m benchmarks.table benchmarks/results/cpu.jsonl [--readme=README.md]
+  python -m benchmarks.table benchmarks/results/cpu.jsonl [--readme=benchmarks/README.md]
 
 With --readme, the text between `<!-- bench:begin -->` and
 `<!-- bench:end -->` in that file is replaced by the table. Pure Python.
@@ -143,8 +143,12 @@ def _targets(records: list[dict[str, Any]], config: str = "S") -> list[str]:
 
 def render(records: list[dict[str, Any]]) -> str:
   lines = _header(records) + [""] + _rows(records)
+  for r in records:
+    if r.get("what") == "skip":
+      lines += ["", f"Skipped config {r['config']}: {r['reason']}."]
   for config in TARGET_CONFIGS:
-    if any(r.get("config") == config for r in records):
+    if any(r.get("config") == config and r.get("what") != "skip"
+           for r in records):
       lines += [""] + _targets(records, config)
   return "\n".join(lines) + "\n"
 

@@ -4,7 +4,12 @@ r"""Enumerates a config's `sweep(add)` points and prints or runs one job each.
   python launch/sweep.py configs/shapes_demo.py --workdir=workdir/sweep --run
 
 Each point becomes `--config.<key>=<value>` overrides of the same config file
-and gets its own workdir named after its overrides.
+and gets its own workdir named after its overrides; all points share one
+stage store (`<workdir>/stages`), so a stage whose config the points have
+in common (the tokenizer and transformer of a sweep over sampling
+settings) runs once and the others reuse it (muse_jax.stages.graph). Run
+points that share unfinished stages one after another (`--run` does); to
+run them in parallel, first run one point per distinct training config.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def commands(config_path: str, workdir: str, python: str = "python3"
   for point in load_points(config_path):
     name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(point.items()))
     cmd = [python, "-m", "muse_jax.main", f"--config={config_path}",
-           f"--workdir={os.path.join(workdir, name or 'default')}"]
+           f"--workdir={os.path.join(workdir, name or 'default')}",
+           f"--stage_store={os.path.join(workdir, 'stages')}"]
     cmd += [f"--config.{k}={v}" for k, v in sorted(point.items())]
     out.append(cmd)
   return out

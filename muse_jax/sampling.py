@@ -12,14 +12,18 @@ Algorithm, for T steps (24 base / 8 super-res in the paper):
 3. Sample a token for every masked position (temperature, optional top-k),
    by inverse CDF with one uniform per position.
 4. Confidence = log p(sampled) + tau*(1-p)*Gumbel (MaskGIT's annealed choice
-   noise); tokens already known have infinite confidence.
+   noise), with p the untempered guided distribution (before temperature
+   and top-k, as MaskGIT; `confidence="tempered"` takes the sampling
+   distribution instead); tokens already known have infinite confidence.
 5. Re-mask the n = floor(U * cos(pi/2 * p)) least confident (U = tokens
    unknown at the start), clamped to [1, unknown now - 1]; the last step
    re-masks nothing, so every token is fixed.
 
-The text keys/values are computed once per request (the unconditional half
-attends no text, so it needs none and skips cross-attention); the loop is a
-`lax.fori_loop`, so the whole decode is a single XLA program.
+The guidance pair comes from the conditioning context
+(`conditioning.Context.guidance_pair`): its keys/values are computed once
+per request (for text alone the unconditional half attends nothing, so it
+needs none and skips cross-attention); the loop is a `lax.fori_loop`, so
+the whole decode is a single XLA program.
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from muse_jax import conditioning
 from muse_jax import masking
 from muse_jax.models.transformer import MaskedTransformer
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+CONFIDENCES = ("untempered", "tempered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +54,7 @@ class SamplerConfig:
   temperature: float = 1.0
   choice_temperature: float = 4.5
   top_k: int = 0  # 0 = sample from the full distribution.
+  confidence: str = "untempered"
 
   def __post_init__(self):
     if self.num_steps < 1:
@@ -64,7 +70,26 @@ class SamplerConfig:
     if self.temperature <= 0:
       raise ValueError("SamplerConfig.temperature must be > 0")
     if self.top_k < 0:
-      raise ValueError("SamplerConfig.top_k must be >= 0")
+      raise ValueError(f"SamplerConfig.top_k must be >= 0, got {self.top_k}")
+    if self.guidance_scale < 0:
+      raise ValueError(f"SamplerConfig.guidance_scale must be >= 0, got "
+                       f"{self.guidance_scale}")
+    if self.choice_temperature < 0:
+      raise ValueError(f"SamplerConfig.choice_temperature must be >= 0, got "
+                       f"{self.choice_temperature}")
+    if self.confidence not in CONFIDENCES:
+      raise ValueError(f"SamplerConfig.confidence={self.confidence!r} not in "
+                       f"{CONFIDENCES}")
+
+  def check_codebook(self, codebook_size: int) -> None:
+    """Raises ValueError if `top_k` exceeds the model's codebook."""
+    if self.top_k > codebook_size:
+      raise ValueError(f"SamplerConfig.top_k={self.top_k} exceeds the "
+                       f"codebook size {codebook_size}")
+
+  def guided(self, negative: bool = False) -> bool:
+    """Whether each forward runs the [cond; uncond] pair (batch 2B)."""
+    return self.guidance_scale != 0 or negative
 
 
 def guidance_at(cfg: SamplerConfig, progress: jax.Array) -> jax.Array:
@@ -73,38 +98,20 @@ def guidance_at(cfg: SamplerConfig, progress: jax.Array) -> jax.Array:
   return jnp.asarray(cfg.guidance_scale, jnp.float32)
 
 
-class GuidanceContext(NamedTuple):
-  """The text every decoding forward sees (see `guidance_context`)."""
+def guidance_kv(model: MaskedTransformer, cfg: SamplerConfig,
+                condition: conditioning.Text,
+                negative: conditioning.Text | None = None):
+  """The context keys/values every decoding forward sees.
 
-  guided: bool  # whether each forward runs [cond; uncond] (batch 2B)
-  text_emb: jax.Array  # [B or 2B, L, D]
-  text_mask: jax.Array  # [B or 2B, L]
-  # Rows of the forward's batch that have text; the rest attend none.
-  text_rows: int | None
-
-
-def guidance_context(
-    cfg: SamplerConfig,
-    text_emb: jax.Array,
-    text_mask: jax.Array,
-    neg_emb: jax.Array | None = None,
-    neg_mask: jax.Array | None = None,
-) -> GuidanceContext:
-  """The text each decoding forward sees.
-
-  Guided decoding runs one forward over [cond; uncond] (batch 2B). With a
-  negative prompt the unconditional half attends it (text of 2B rows).
-  Without one the unconditional half attends no text at all, which makes
-  its cross-attention a constant: only the B conditional rows carry text
-  (`text_rows=B`), and the model skips cross-attention for the rest.
+  Guided decoding runs one forward over the context's guidance pair
+  (batch 2B): the conditional rows, then the unconditional ones, or the
+  negative prompt's. Unguided decoding runs the conditional rows alone.
   """
-  if cfg.guidance_scale == 0 and neg_emb is None:
-    return GuidanceContext(False, text_emb, text_mask, None)
-  if neg_emb is None:
-    return GuidanceContext(True, text_emb, text_mask, text_emb.shape[0])
-  ctx = jnp.concatenate([text_emb, neg_emb.astype(text_emb.dtype)], axis=0)
-  return GuidanceContext(True, ctx, jnp.concatenate([text_mask, neg_mask],
-                                                    axis=0), None)
+  context = model.context(condition)
+  if cfg.guided(negative is not None):
+    neg = None if negative is None else model.context(negative)
+    context = context.guidance_pair(neg)
+  return model.context_kv(context)
 
 
 def _top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -168,39 +175,37 @@ def sample_categorical(rng: jax.Array, logits: jax.Array
 def sample(
     model: MaskedTransformer,
     rng: jax.Array,
-    text_emb: jax.Array,
-    text_mask: jax.Array,
+    condition: conditioning.Text,
     *,
     cfg: SamplerConfig,
     init_tokens: jax.Array | None = None,
-    neg_emb: jax.Array | None = None,
-    neg_mask: jax.Array | None = None,
+    negative: conditioning.Text | None = None,
 ) -> jax.Array:
-  """Decodes image tokens [B, N] for the given text.
+  """Decodes image tokens [B, N] for the given condition.
 
   Args:
     model: the masked transformer.
     rng: PRNG key; the same key gives the same images.
-    text_emb: [B, L, D] text-encoder embeddings; text_mask: [B, L] bool.
+    condition: the raw condition (text embeddings [B, L, D] and mask).
     cfg: decoding hyperparameters.
     init_tokens: optional [B, N] tokens with the mask id where unknown; known
       tokens are kept unchanged.
-    neg_emb, neg_mask: optional negative prompt replacing the unconditional
-      logits.
+    negative: optional negative prompt (same shapes as `condition`)
+      replacing the unconditional logits.
 
   Returns:
     int32 [B, N] tokens, none of them the mask id.
   """
   mcfg = model.cfg
+  cfg.check_codebook(mcfg.codebook_size)
   mask_id = mcfg.mask_token_id
-  batch = text_emb.shape[0]
+  batch = condition.batch_size
   if init_tokens is None:
     tokens = jnp.full((batch, mcfg.seq_len), mask_id, jnp.int32)
   else:
     tokens = init_tokens.astype(jnp.int32)
-  use_guidance, ctx, ctx_mask, text_rows = guidance_context(
-      cfg, text_emb, text_mask, neg_emb, neg_mask)
-  text_kv = model.text_kv(ctx)
+  use_guidance = cfg.guided(negative is not None)
+  kv = guidance_kv(model, cfg, condition, negative)
 
   unknown_at_start = jnp.sum(tokens == mask_id, axis=-1)
   steps = cfg.num_steps
@@ -210,22 +215,24 @@ def sample(
     rng, sample_rng, choice_rng = jax.random.split(rng, 3)
     progress = (k + 1) / steps
     inputs = jnp.concatenate([tokens, tokens]) if use_guidance else tokens
-    features = model.decode_features(inputs, text_kv, ctx_mask,
-                                     text_rows=text_rows)
+    features = model.features(inputs, kv)
     if use_guidance:
       # Logits are affine in the features: guide them, then project once.
       cond, uncond = jnp.split(features.astype(jnp.float32), 2, axis=0)
       t = guidance_at(cfg, progress)
       features = (1.0 + t) * cond - t * uncond
     logits = model.head_logits(features)
-    logits = logits / cfg.temperature
+    tempered = logits / cfg.temperature
     if cfg.top_k:
-      logits = _top_k_filter(logits, cfg.top_k)
+      tempered = _top_k_filter(tempered, cfg.top_k)
     is_masked = tokens == mask_id
-    sampled, chosen = sample_categorical(sample_rng, logits)
+    sampled, log_prob = sample_categorical(sample_rng, tempered)
+    if cfg.confidence == "untempered":
+      log_prob = (jnp.take_along_axis(logits, sampled[..., None], axis=-1)
+                  [..., 0] - jax.nn.logsumexp(logits, axis=-1))
     sampled = jnp.where(is_masked, sampled, tokens)
-    noise = jax.random.gumbel(choice_rng, chosen.shape)
-    confidence = chosen + cfg.choice_temperature * (1.0 - progress) * noise
+    noise = jax.random.gumbel(choice_rng, log_prob.shape)
+    confidence = log_prob + cfg.choice_temperature * (1.0 - progress) * noise
     confidence = jnp.where(is_masked, confidence, jnp.inf)
     # How many of the still-unknown tokens go back to [MASK].
     masked_now = jnp.sum(is_masked, axis=-1)

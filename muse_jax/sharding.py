@@ -23,6 +23,7 @@ from typing import Any
 from flax import nnx
 from flax.core import spmd as flax_spmd
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
@@ -70,9 +71,9 @@ DEFAULT_RULES: Rules = (
 def make_mesh(
     axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None
 ) -> Mesh:
-  """Builds an auto-mode mesh; one axis size may be -1 (all remaining)."""
+  """`jax.make_mesh` in auto mode; one axis size may be -1 (all remaining)."""
   devices = list(devices if devices is not None else jax.devices())
-  names = tuple(name for name, _ in axes)
+  names = tuple(str(name) for name, _ in axes)
   sizes = [int(size) for _, size in axes]
   unknown = [i for i, s in enumerate(sizes) if s == -1]
   if len(unknown) > 1:
@@ -87,8 +88,8 @@ def make_mesh(
     raise ValueError(
         f"mesh {list(axes)} needs {math.prod(sizes)} devices, "
         f"have {len(devices)}")
-  device_array = np.asarray(devices).reshape(sizes)
-  return Mesh(device_array, names, axis_types=(AxisType.Auto,) * len(names))
+  return jax.make_mesh(tuple(sizes), names, devices=devices,
+                       axis_types=(AxisType.Auto,) * len(names))
 
 
 def validate_rules(rules: Sequence[Sequence[Any]], mesh: Mesh | None = None
@@ -162,8 +163,17 @@ def create_sharded(make: Callable[[], Any], mesh: Mesh, rules: Rules) -> Any:
 
 
 def data_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-  """Sharding of host batches: leading (batch) axis over the data axes."""
+  """Sharding of batches: leading (batch) axis over the data axes."""
   return NamedSharding(mesh, logical_to_spec(("batch",), rules))
+
+
+def data_shards(mesh: Mesh, rules: Rules | None) -> int:
+  """How many slices a batch is cut into (the data axes' total size)."""
+  if rules is None:
+    return 1
+  spec = logical_to_spec(("batch",), rules)[0]
+  axes = spec if isinstance(spec, tuple) else (spec,)
+  return math.prod(mesh.shape[a] for a in axes if a is not None)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -172,7 +182,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules
                  ) -> dict[str, jax.Array]:
-  """Assembles each process's local batch into global sharded arrays."""
+  """Assembles each process's slice of a batch into global sharded arrays."""
   sharding = data_sharding(mesh, rules)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def shard_host_batch(x: np.ndarray, mesh: Mesh, rules: Rules) -> jax.Array:
+  """A batch every process holds whole -> a global array over the data axes.
+
+  Each device receives only its slice (inference: encoding, tokenizing and
+  sampling a list every process knows).
+  """
+  x = np.asarray(x)
+  shards = data_shards(mesh, rules)
+  if x.shape[0] % shards:
+    raise ValueError(f"batch of {x.shape[0]} rows does not split over "
+                     f"{shards} data shards")
+  sharding = data_sharding(mesh, rules)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly sharded, multi-process) array on every host."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

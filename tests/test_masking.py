@@ -125,22 +125,25 @@ def _ref_ce(logits, targets, mask, smoothing=0.0):
   return loss, acc
 
 
+@pytest.mark.parametrize("impl", masking.LOSS_IMPLS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_masked_cross_entropy_matches_hand_computation(smoothing):
+def test_masked_cross_entropy_matches_hand_computation(smoothing, impl):
   logits, targets, mask = _ce_inputs()
   loss, acc = masking.masked_cross_entropy(
-      jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), smoothing)
+      jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), smoothing,
+      impl=impl)
   ref_loss, ref_acc = _ref_ce(logits, targets, mask, smoothing)
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(acc, ref_acc, rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", masking.LOSS_IMPLS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_masked_cross_entropy_gradient_matches_autodiff(smoothing):
-  # The loss has its own backward pass (softmax - smoothed one-hot, one
-  # pass over the logits); it must equal JAX's differentiation of the
-  # textbook formula.
+def test_masked_cross_entropy_gradient_matches_autodiff(smoothing, impl):
+  # The fused loss has its own backward pass (softmax - smoothed one-hot,
+  # one pass over the logits); it, and the plain path's autodiff, must
+  # equal JAX's differentiation of the textbook formula.
   logits, targets, mask = _ce_inputs(seed=3, v=11)
   v = logits.shape[-1]
 
@@ -151,7 +154,7 @@ def test_masked_cross_entropy_gradient_matches_autodiff(smoothing):
     return jnp.sum(-jnp.sum(q * logp, -1) * w) / jnp.sum(w)
 
   ours = lambda z: masking.masked_cross_entropy(z, targets, mask,
-                                                 smoothing)[0]
+                                                 smoothing, impl=impl)[0]
   z = jnp.asarray(logits)
   np.testing.assert_allclose(ours(z), textbook(z), rtol=1e-6)
   grad = jax.grad(ours)(z)
@@ -206,31 +209,33 @@ def test_label_smoothing_penalises_perfect_prediction():
   np.testing.assert_allclose(smooth, ref, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------
-# drop_text.
-# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plain_and_fused_cross_entropy_agree(smoothing, seed):
+  # Same loss, accuracy and gradient; the fused backward is hand-written.
+  logits, targets, mask = _ce_inputs(seed=seed + 4, b=4, n=6, v=13)
+  logits = logits * 3  # Sharper distributions, some confident hits.
+  targets = np.where(np.random.default_rng(seed).random(targets.shape) < 0.3,
+                     logits.argmax(-1), targets)
+
+  def run(impl):
+    def loss(z):
+      return masking.masked_cross_entropy(z, targets, mask, smoothing,
+                                          impl=impl)
+    (value, acc), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        jnp.asarray(logits))
+    return value, acc, grad
+
+  plain, fused = run("plain"), run("fused")
+  np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6)
+  np.testing.assert_array_equal(fused[1], plain[1])
+  assert 0.0 < float(plain[1]) < 1.0  # Some hits, some misses.
+  np.testing.assert_allclose(fused[2], plain[2], rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(plain[2][~mask], 0.0)
+  assert float(jnp.max(jnp.abs(plain[2]))) > 1e-3
 
 
-@pytest.mark.parametrize("rate", [0.1, 0.5])
-def test_drop_text_drops_whole_rows_at_rate(rate):
-  batch, length = 4096, 6
-  rng = np.random.default_rng(0)
-  text_mask = rng.random((batch, length)) < 0.7
-  text_mask[:, 0] = True  # Every caption has at least one token.
-  out = np.asarray(masking.drop_text(jax.random.key(0), text_mask, rate))
-  assert out.shape == text_mask.shape and out.dtype == bool
-  dropped = ~out.any(axis=-1)
-  kept = ~dropped
-  # Kept rows are unchanged; dropped rows are entirely False.
-  np.testing.assert_array_equal(out[kept], text_mask[kept])
-  assert not out[dropped].any()
-  # The dropping rate is ~rate (binomial std ~0.008 at rate 0.5).
-  assert abs(dropped.mean() - rate) < 0.03, dropped.mean()
-
-
-@pytest.mark.parametrize("rate", [0.0, 1.0])
-def test_drop_text_extreme_rates(rate):
-  text_mask = np.ones((64, 3), bool)
-  out = np.asarray(masking.drop_text(jax.random.key(1), text_mask, rate))
-  expected = text_mask if rate == 0.0 else np.zeros_like(text_mask)
-  np.testing.assert_array_equal(out, expected)
+def test_unknown_loss_impl_raises_naming_it():
+  logits, targets, mask = _ce_inputs()
+  with pytest.raises(ValueError, match="'cuda'"):
+    masking.masked_cross_entropy(logits, targets, mask, impl="cuda")

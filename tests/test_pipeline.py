@@ -58,7 +58,7 @@ def test_records_equal_generated_examples(builder):
 def test_grain_batches_from_tfds(builder):
   src = shapes_tfds.shapes_source(builder, "train")
   it = pipeline.make_iterator(src, batch_size=8, seed=0, num_epochs=1,
-                              shard_index=0, shard_count=1)
+                              process_index=0, process_count=1)
   batches = list(it)
   assert len(batches) == _NUM["train"] // 8
   b = batches[0]
@@ -73,7 +73,7 @@ def test_grain_batches_from_tfds(builder):
   assert seen.tolist() != list(range(_NUM["train"]))  # Shuffled.
 
 
-def test_default_shard_is_this_process(builder):
+def test_default_process_is_this_process(builder):
   src = shapes_tfds.shapes_source(builder, "validation")
   it = pipeline.make_iterator(src, batch_size=4, seed=0, num_epochs=1,
                               shuffle=False)  # jax: process 0 of 1.
@@ -81,26 +81,16 @@ def test_default_shard_is_this_process(builder):
   np.testing.assert_array_equal(got, np.arange(_NUM["validation"]))
 
 
-def test_process_shards_are_disjoint_and_cover(builder):
+def test_tfds_processes_are_disjoint_and_cover(builder):
   src = shapes_tfds.shapes_source(builder, "train")
-  shards = []
-  for k in range(3):
-    it = pipeline.make_iterator(src, batch_size=4, seed=7, num_epochs=1,
-                                shard_index=k, shard_count=3)
-    shards.append(np.concatenate([b["index"] for b in it]).tolist())
-  assert all(len(s) == 16 for s in shards)
-  assert all(len(set(s)) == 16 for s in shards)
-  for a in range(3):
-    for b in range(a + 1, 3):
-      assert not set(shards[a]) & set(shards[b])
-  assert set().union(*map(set, shards)) == set(range(_NUM["train"]))
-
-
-def test_uneven_sources_give_equal_shards():
-  src = pipeline.ArraySource({"i": np.arange(11)})
-  lens = [len(pipeline.make_dataset(src, seed=0, num_epochs=1, shard_index=k,
-                                    shard_count=4)) for k in range(4)]
-  assert lens == [2, 2, 2, 2]
+  parts = []
+  for k in range(3):  # Global batches of 12: four per process and epoch.
+    it = pipeline.make_iterator(src, batch_size=12, seed=7, num_epochs=1,
+                                process_index=k, process_count=3)
+    batches = list(it)
+    assert len(batches) == 4 and all(len(b["index"]) == 4 for b in batches)
+    parts.append(np.concatenate([b["index"] for b in batches]).tolist())
+  assert sorted(sum(parts, [])) == list(range(_NUM["train"]))
 
 
 def _assert_batches_equal(xs, ys):
@@ -114,7 +104,7 @@ def _assert_batches_equal(xs, ys):
 def test_exact_resume_tfds(builder):
   src = shapes_tfds.shapes_source(builder, "train")
   make = lambda: pipeline.make_iterator(src, batch_size=5, seed=11,
-                                        shard_index=0, shard_count=1)
+                                        process_index=0, process_count=1)
   it = make()
   for _ in range(7):  # Crosses an epoch boundary (48 records, 5 per batch).
     next(it)
@@ -125,19 +115,121 @@ def test_exact_resume_tfds(builder):
   _assert_batches_equal([next(resumed) for _ in range(12)], expected)
 
 
+# ---------------------------------------------------------------------------
+# Per-process slices of global batches, on an in-memory source.
+# ---------------------------------------------------------------------------
+
+_N = 48  # Records; global batches of 8: six per epoch.
+_GLOBAL = 8
+
+
+@pytest.fixture(scope="module")
+def source():
+  return pipeline.ArraySource({
+      "i": np.arange(_N),
+      "tokens": np.arange(_N * 3).reshape(_N, 3).astype(np.int32)})
+
+
+def _iterator(src, p, count, **kw):
+  kw = {"batch_size": _GLOBAL, "seed": 5, "num_epochs": 1, **kw}
+  return pipeline.make_iterator(src, process_index=p, process_count=count,
+                                **kw)
+
+
+def _concat_rows(per_process):
+  """Per-process lists of batches -> global batches (rows in process order)."""
+  return [{k: np.concatenate([b[k] for b in group]) for k in group[0]}
+          for group in zip(*per_process)]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_processes_concatenate_to_single_process_batches(source, count):
+  single = list(_iterator(source, 0, 1))
+  assert len(single) == _N // _GLOBAL
+  per_process = [list(_iterator(source, p, count)) for p in range(count)]
+  for batches in per_process:  # Lock step: equally many, equally big.
+    assert len(batches) == len(single)
+    assert all(b["i"].shape == (_GLOBAL // count,) for b in batches)
+    assert all(b["tokens"].shape == (_GLOBAL // count, 3) for b in batches)
+  _assert_batches_equal(_concat_rows(per_process), single)
+  # Process p holds rows [p*b, (p+1)*b) of every global batch.
+  b = _GLOBAL // count
+  for p, batches in enumerate(per_process):
+    for got, whole in zip(batches, single):
+      np.testing.assert_array_equal(got["i"], whole["i"][p * b:(p + 1) * b])
+  # The union over an epoch is the dataset, with no overlap.
+  seen = np.concatenate([x["i"] for batches in per_process for x in batches])
+  assert len(seen) == _N and sorted(seen.tolist()) == list(range(_N))
+  assert seen.tolist() != list(range(_N))  # Shuffled.
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_processes_resume_exactly_mid_epoch(source, count):
+  per_process = [list(_iterator(source, p, count)) for p in range(count)]
+  consumed = 2  # Of the six batches in the epoch.
+  resumed_batches = []
+  for p in range(count):
+    it = _iterator(source, p, count)
+    before = [next(it) for _ in range(consumed)]
+    state = json.loads(json.dumps(it.get_state()))
+    fresh = _iterator(source, p, count)
+    fresh.set_state(state)
+    after = list(fresh)
+    _assert_batches_equal(before + after, per_process[p])
+    resumed_batches.append(before + after)
+  seen = np.concatenate([x["i"] for bs in resumed_batches for x in bs])
+  assert len(seen) == _N and sorted(seen.tolist()) == list(range(_N))
+
+
+def test_infinite_stream_matches_over_processes(source):
+  """Without num_epochs, global batches cross epochs the same way."""
+  take = lambda it, n: [next(it) for _ in range(n)]
+  single = take(_iterator(source, 0, 1, num_epochs=None, batch_size=10), 12)
+  parts = [take(_iterator(source, p, 2, num_epochs=None, batch_size=10), 12)
+           for p in range(2)]
+  _assert_batches_equal(_concat_rows(parts), single)
+  first = np.concatenate([b["i"] for b in single])[:2 * _N]
+  assert sorted(first[:_N].tolist()) == list(range(_N))  # Epoch 0 ...
+  assert sorted(first[_N:].tolist()) == list(range(_N))  # ... then epoch 1.
+  assert first[:_N].tolist() != first[_N:].tolist()
+
+
+def test_batch_must_split_over_processes(source):
+  with pytest.raises(ValueError, match="does not split over 3 processes"):
+    _iterator(source, 0, 3)
+  with pytest.raises(ValueError, match="bad process 2 of 2"):
+    _iterator(source, 2, 2)
+  with pytest.raises(ValueError, match="batch_size must be positive"):
+    _iterator(source, 0, 1, batch_size=0)
+  with pytest.raises(ValueError, match="no global batch"):
+    _iterator(pipeline.ArraySource({"i": np.arange(5)}), 0, 2)
+
+
+def test_uneven_sources_give_equal_processes():
+  src = pipeline.ArraySource({"i": np.arange(11)})
+  ds = pipeline.make_dataset(src, seed=0, num_epochs=1)
+  assert len(ds) == 11  # The global stream, unbatched.
+  lens = [len(pipeline.process_batches(ds, 4, process_index=k,
+                                       process_count=4)) for k in range(4)]
+  assert lens == [2, 2, 2, 2]  # Two whole global batches; 3 records left.
+  lens = [len(pipeline.process_batches(ds, 4, process_index=k,
+                                       process_count=2)) for k in range(2)]
+  assert lens == [2, 2]
+
+
 def test_exact_resume_array_source_with_transform():
   arrays = {"tokens": np.arange(40 * 3).reshape(40, 3).astype(np.int32),
             "label": np.arange(40)}
   src = pipeline.ArraySource(arrays)
   add = lambda r: {**r, "twice": r["label"] * 2}
-  make = lambda: pipeline.make_iterator(src, batch_size=6, seed=2,
-                                        transform=add, shard_index=1,
-                                        shard_count=2, num_threads=2)
+  make = lambda: pipeline.make_iterator(src, batch_size=12, seed=2,
+                                        transform=add, process_index=1,
+                                        process_count=2, num_threads=2)
   it = make()
   first = [next(it) for _ in range(3)]
   state = it.get_state()
   assert json.loads(json.dumps(state)) == state
-  expected = [next(it) for _ in range(10)]
+  expected = [next(it) for _ in range(10)]  # Crosses epoch boundaries.
   resumed = make()
   resumed.set_state(state)
   _assert_batches_equal([next(resumed) for _ in range(10)], expected)
@@ -147,13 +239,17 @@ def test_exact_resume_array_source_with_transform():
   assert b["tokens"].shape == (6, 3) and b["tokens"].dtype == np.int32
   np.testing.assert_array_equal(b["twice"], b["label"] * 2)
   np.testing.assert_array_equal(b["tokens"][:, 0], b["label"] * 3)
-  assert (b["label"] % 2 == 1).all()  # Shard 1 of 2: odd records.
+  # Process 1 of 2: the second half of the global batch.
+  whole = next(pipeline.make_iterator(src, batch_size=12, seed=2,
+                                      transform=add, process_index=0,
+                                      process_count=1))
+  np.testing.assert_array_equal(b["label"], whole["label"][6:])
 
 
 def test_each_epoch_is_a_new_permutation():
   src = pipeline.ArraySource({"i": np.arange(12)})
   it = pipeline.make_iterator(src, batch_size=12, seed=0, num_epochs=3,
-                              shard_index=0, shard_count=1)
+                              process_index=0, process_count=1)
   epochs = [b["i"].tolist() for b in it]
   assert len(epochs) == 3
   assert all(sorted(e) == list(range(12)) for e in epochs)

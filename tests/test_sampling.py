@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from muse_jax import conditioning
 from muse_jax import masking
 from muse_jax import sampling
 from muse_jax.models import transformer as tr
@@ -23,15 +24,14 @@ BASE = sampling.SamplerConfig(num_steps=4, guidance_scale=2.0)
 
 
 class RecordingTransformer(tr.MaskedTransformer):
-  """Reports how many [MASK] tokens each decoding step receives."""
+  """Reports the tokens each decoding step's forward receives."""
 
   calls: list[np.ndarray] = []
 
-  def decode_features(self, tokens, text_kv, text_mask, **kw):
+  def features(self, tokens, kv):
     jax.debug.callback(
-        lambda c: RecordingTransformer.calls.append(np.asarray(c)),
-        jnp.sum(tokens == self.cfg.mask_token_id, axis=-1))
-    return super().decode_features(tokens, text_kv, text_mask, **kw)
+        lambda t: RecordingTransformer.calls.append(np.asarray(t)), tokens)
+    return super().features(tokens, kv)
 
 
 def _make(cls=tr.MaskedTransformer, seed=0):
@@ -50,23 +50,27 @@ def text():
   emb = jnp.asarray(rng.normal(size=(BATCH, 5, CFG.text_dim)), jnp.float32)
   mask = np.ones((BATCH, 5), bool)
   mask[1, 3:] = False
-  return emb, jnp.asarray(mask)
+  return conditioning.Text(emb, jnp.asarray(mask))
 
 
 @pytest.fixture(scope="module")
 def neg_text():
   rng = np.random.default_rng(1)
   emb = jnp.asarray(rng.normal(size=(BATCH, 5, CFG.text_dim)) * 2, jnp.float32)
-  return emb, jnp.ones((BATCH, 5), bool)
+  return conditioning.Text(emb, jnp.ones((BATCH, 5), bool))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, tokens, emb, mask):
-  return nnx.merge(graphdef, state)(tokens, emb, mask)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _logits(graphdef, state, tokens, unconditional, text):
+  m = nnx.merge(graphdef, state)
+  context = m.context(text)
+  return m(tokens, context.unconditional() if unconditional else context)
 
 
-def logits(model, tokens, emb, mask):
-  return _logits(*nnx.split(model), tokens, emb, mask)
+def logits(model, tokens, text, unconditional=False):
+  """The model's logits given `text`, or given its unconditional branch."""
+  graphdef, state = nnx.split(model)
+  return _logits(graphdef, state, tokens, unconditional, text)
 
 
 def _check_valid(out):
@@ -82,9 +86,9 @@ def _check_valid(out):
 
 
 def test_output_valid_and_seed_deterministic(model, text):
-  a = sampling.sample(model, jax.random.key(0), *text, cfg=BASE)
-  b = sampling.sample(model, jax.random.key(0), *text, cfg=BASE)
-  c = sampling.sample(model, jax.random.key(1), *text, cfg=BASE)
+  a = sampling.sample(model, jax.random.key(0), text, cfg=BASE)
+  b = sampling.sample(model, jax.random.key(0), text, cfg=BASE)
+  c = sampling.sample(model, jax.random.key(1), text, cfg=BASE)
   for out in (a, b, c):
     _check_valid(out)
   np.testing.assert_array_equal(a, b)
@@ -115,14 +119,25 @@ def recording_model():
   return _make(RecordingTransformer)
 
 
-def _run_recorded(model, text, init, seed):
+def _run_recorded(model, text, init, seed, cfg=SCHEDULE_CFG):
+  """Samples; returns (output, tokens entering each step [steps, B, N]).
+
+  Callbacks may run out of order; every step has fewer [MASK] tokens than
+  the one before, so the steps are sorted by that count.
+  """
   RecordingTransformer.calls.clear()
-  out = sampling.sample(model, jax.random.key(seed), *text, cfg=SCHEDULE_CFG,
-                        init_tokens=jnp.asarray(init))
+  kw = {} if init is None else dict(init_tokens=jnp.asarray(init))
+  out = sampling.sample(model, jax.random.key(seed), text, cfg=cfg, **kw)
   jax.block_until_ready(out)
   jax.effects_barrier()
   _check_valid(out)
-  return np.asarray(out), np.stack(RecordingTransformer.calls)
+  steps = np.stack(RecordingTransformer.calls)
+  order = np.argsort(-(steps == MASK_ID).sum(axis=(1, 2)), kind="stable")
+  return np.asarray(out), steps[order]
+
+
+def _masked_counts(steps):
+  return (steps == MASK_ID).sum(axis=-1)  # [steps, B]
 
 
 def test_tokens_fixed_per_step_follow_cosine_schedule(recording_model, text):
@@ -131,9 +146,8 @@ def test_tokens_fixed_per_step_follow_cosine_schedule(recording_model, text):
   init = np.full((BATCH, N), MASK_ID, np.int32)
   init[1, :5] = np.arange(5)
   _, recorded = _run_recorded(recording_model, text, init, seed=3)
-  assert recorded.shape == (steps, BATCH), "one forward pass per step"
-  # Callbacks may run out of order; counts strictly decrease, so sort.
-  recorded = -np.sort(-recorded, axis=0)
+  assert recorded.shape == (steps, BATCH, N), "one forward pass per step"
+  recorded = _masked_counts(recorded)
   expected = _expected_masked_counts(np.array([N, N - 5]), steps)
   np.testing.assert_array_equal(recorded, expected)
   # The cosine schedule fixes few tokens first and many at the end.
@@ -149,8 +163,12 @@ def test_known_tokens_never_change(recording_model, text, num_unknown):
   for row in range(BATCH):
     unknown[row, rng.choice(N, num_unknown, replace=False)] = True
   init[unknown] = MASK_ID
-  out, recorded = _run_recorded(recording_model, text, init, seed=2)
+  out, steps = _run_recorded(recording_model, text, init, seed=2)
   np.testing.assert_array_equal(out[~unknown], init[~unknown])
+  # Every forward saw the known tokens, unchanged.
+  for tokens in steps:
+    np.testing.assert_array_equal(tokens[~unknown], init[~unknown])
+  recorded = _masked_counts(steps)
   # Only the unknown tokens were ever [MASK]: a single one is fixed at once.
   assert recorded.max() == num_unknown
   if num_unknown == 1:
@@ -209,8 +227,7 @@ def _greedy(model, text, scale, neg=None):
   # One step with top_k=1 is deterministic: the argmax of the guided logits.
   cfg = sampling.SamplerConfig(num_steps=1, top_k=1, guidance_scale=scale,
                                guidance_schedule="constant")
-  kw = dict(neg_emb=neg[0], neg_mask=neg[1]) if neg is not None else {}
-  out = sampling.sample(model, jax.random.key(5), *text, cfg=cfg, **kw)
+  out = sampling.sample(model, jax.random.key(5), text, cfg=cfg, negative=neg)
   _check_valid(out)
   return np.asarray(out)
 
@@ -224,11 +241,10 @@ def _assert_argmax_equal(out, ref_logits):
 
 
 def _reference_logits(model, text, neg_text):
-  emb, mask = text
   all_masked = jnp.full((BATCH, N), MASK_ID, jnp.int32)
-  cond = logits(model, all_masked, emb, mask)
-  uncond = logits(model, all_masked, emb, jnp.zeros_like(mask))
-  neg = logits(model, all_masked, *neg_text)
+  cond = logits(model, all_masked, text)
+  uncond = logits(model, all_masked, text, unconditional=True)
+  neg = logits(model, all_masked, neg_text)
   return cond, uncond, neg
 
 
@@ -249,9 +265,31 @@ def test_guided_logits_and_negative_prompt(model, text, neg_text):
   with_neg = _greedy(model, text, scale, neg=neg_text)
   _assert_argmax_equal(plain, (1 + scale) * cond - scale * uncond)
   _assert_argmax_equal(with_neg, (1 + scale) * cond - scale * neg)
-  # Guidance matters, and the negative prompt changes the output.
+  # Guidance matters, and the negative prompt changes the output: it
+  # replaced the unconditional logits.
   assert not np.array_equal(plain, np.argmax(cond, -1))
   assert not np.array_equal(plain, with_neg)
+  assert not np.array_equal(
+      with_neg, np.argmax((1 + scale) * cond - scale * uncond, -1))
+
+
+def test_guidance_kv_rows(model, text, neg_text):
+  # Guided without a negative: only the conditional rows have keys (the
+  # unconditional half attends nothing). With one: all 2B rows have keys.
+  # Unguided: the conditional rows alone.
+  cases = [(BASE, None, BATCH, BATCH),
+           (BASE, neg_text, 2 * BATCH, None),
+           (SCHEDULE_CFG, None, BATCH, None)]
+  for cfg, neg, rows, keyed_rows in cases:
+    kv = jax.eval_shape(
+        lambda m, t, n, cfg=cfg: sampling.guidance_kv(m, cfg, t, n),
+        model, text, neg)
+    assert kv.keyed_rows == keyed_rows
+    assert kv.mask.shape == (rows, 5)
+    assert kv.keys.shape[:2] == (CFG.depth, rows)
+  kv = sampling.guidance_kv(model, BASE, text, neg_text)
+  np.testing.assert_array_equal(kv.mask, np.concatenate([text.mask,
+                                                         neg_text.mask]))
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +304,9 @@ def test_guided_logits_and_negative_prompt(model, text, neg_text):
     (dict(guidance_schedule="cosine"), "guidance_schedule"),
     (dict(temperature=0.0), "temperature"),
     (dict(top_k=-1), "top_k"),
+    (dict(guidance_scale=-0.5), "guidance_scale"),
+    (dict(choice_temperature=-1.0), "choice_temperature"),
+    (dict(confidence="softmax"), "confidence"),
 ])
 def test_sampler_config_validation(kw, field):
   with pytest.raises(ValueError, match=rf"SamplerConfig\.{field}\b"):
@@ -276,3 +317,78 @@ def test_sampler_config_accepts_every_schedule():
   for s in masking.SCHEDULES:
     for g in sampling.GUIDANCE_SCHEDULES:
       sampling.SamplerConfig(schedule=s, guidance_schedule=g)
+
+
+def test_top_k_larger_than_codebook_raises(model, text):
+  cfg = sampling.SamplerConfig(num_steps=2, top_k=CFG.codebook_size + 1)
+  with pytest.raises(ValueError, match=r"top_k=17 exceeds the codebook size "
+                     r"16"):
+    sampling.sample(model, jax.random.key(0), text, cfg=cfg)
+  with pytest.raises(ValueError, match="top_k=17.*16"):
+    cfg.check_codebook(16)
+  # The whole codebook is a valid (if pointless) top-k.
+  sampling.SamplerConfig(top_k=16).check_codebook(16)
+
+
+# ---------------------------------------------------------------------------
+# Which tokens get fixed: the confidence.
+# ---------------------------------------------------------------------------
+
+CONF_TEMPERATURE = 2.0
+
+
+def _confidence_cfg(confidence, num_steps):
+  # No choice noise: the confidence alone decides what is fixed.
+  return sampling.SamplerConfig(
+      num_steps=num_steps, guidance_scale=0.0, temperature=CONF_TEMPERATURE,
+      choice_temperature=0.0, confidence=confidence)
+
+
+def _fixed_first(model, text, confidence, seed):
+  """(the step-1 draw at every position, the positions step 1 fixed)."""
+  # One step fixes every draw; two steps draw the same tokens first (same
+  # key) and fix the 16 - floor(16 cos(pi/4)) = 5 most confident.
+  drawn, _ = _run_recorded(model, text, None, seed,
+                           cfg=_confidence_cfg(confidence, 1))
+  _, steps = _run_recorded(model, text, None, seed,
+                           cfg=_confidence_cfg(confidence, 2))
+  assert steps.shape == (2, BATCH, N)
+  fixed = steps[1] != MASK_ID
+  assert np.all(fixed.sum(-1) == 5)
+  np.testing.assert_array_equal(steps[1][fixed], drawn[fixed])
+  return drawn, fixed
+
+
+@pytest.mark.parametrize("confidence", sampling.CONFIDENCES)
+def test_confidence_ranks_by_its_distribution(recording_model, text,
+                                              confidence):
+  # "untempered" (MaskGIT's choice) ranks the draws by their log-probability
+  # under the guided logits before temperature; "tempered" under the
+  # distribution they were drawn from.
+  all_masked = jnp.full((BATCH, N), MASK_ID, jnp.int32)
+  ref = np.asarray(logits(recording_model, all_masked, text), np.float64)
+  if confidence == "tempered":
+    ref = ref / CONF_TEMPERATURE
+  log_probs = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+  checked = 0
+  for seed in range(3):
+    drawn, fixed = _fixed_first(recording_model, text, confidence, seed)
+    conf = np.take_along_axis(log_probs, drawn[..., None], -1)[..., 0]
+    for row in range(BATCH):
+      order = np.sort(conf[row])[::-1]
+      if order[4] - order[5] < 1e-3:
+        continue  # A near-tie at the cut: not decidable from outside.
+      np.testing.assert_array_equal(fixed[row], conf[row] >= order[4])
+      checked += 1
+  assert checked >= 4
+
+
+def test_tempered_and_untempered_confidence_differ(recording_model, text):
+  # With temperature != 1 the two rankings differ: for some seed they fix
+  # other tokens first.
+  differ = []
+  for seed in range(3):
+    _, untempered = _fixed_first(recording_model, text, "untempered", seed)
+    _, tempered = _fixed_first(recording_model, text, "tempered", seed)
+    differ.append(not np.array_equal(untempered, tempered))
+  assert any(differ), differ

@@ -1,19 +1,18 @@
 """Grain input pipeline over random-access sources, with exact resume.
 
 Every training stage reads its data through `make_iterator`: a TFDS
-array_record data source (e.g. `shapes_tfds.shapes_source`) or an
-`ArraySource` of pre-tokenized numpy arrays. Because the pipeline is a grain
-`MapDataset` (index-based: source -> shard -> shuffle -> repeat -> map),
-read in order by threads and then batched, the iterator's whole position is
-one integer, so its state is small,
-JSON-serializable and restores the exact next batch after preemption. The
-iterator is a plain grain `DatasetIterator`, so `grain.checkpoint` handlers
-(used with Orbax) work on it directly.
+array_record data source (e.g. `shapes_tfds.shapes_source`), the ArrayRecord
+shards of `muse_jax.data.records`, or an `ArraySource` of numpy arrays. The
+pipeline is a grain `MapDataset` (index-based: source -> shuffle -> repeat
+-> map -> batch -> this process's batches), so the iterator's whole position
+is one integer: its state is small, JSON-serializable, checkpointed with
+grain's own Orbax handler, and restores the exact next batch.
 
-Sharding is per process: each process reads a disjoint, equally long strided
-slice of the source (the last `len(source) % shard_count` records are dropped
-so all processes see the same number of batches and stay in lock step), and
-batches are per-process batches of `batch_size` examples.
+Sharding cuts every *global* batch into per-process slices: process p of P
+gets examples [p*b, (p+1)*b) of each global batch of P*b. The global batch
+sequence is therefore the same whatever the number of processes (a run on
+two hosts trains on exactly the batches of a run on one), and all processes
+see the same number of batches and stay in lock step.
 """
 
 from __future__ import annotations
@@ -64,34 +63,12 @@ class ArraySource:
     return f"ArraySource({shapes})"
 
 
-def shard_dataset(dataset: grain.MapDataset, shard_index: int,
-                  shard_count: int) -> grain.MapDataset:
-  """The `shard_index`-th of `shard_count` disjoint, equally long shards."""
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"Bad shard {shard_index} of {shard_count}.")
-  usable = len(dataset) - len(dataset) % shard_count
-  if usable == 0:
-    raise ValueError(f"Source of length {len(dataset)} is too small for "
-                     f"{shard_count} shards.")
-  return dataset[:usable][shard_index::shard_count]
-
-
 def make_dataset(source: RandomAccessSource, *, seed: int,
                  shuffle: bool = True, num_epochs: int | None = None,
-                 transform: Callable[[Any], Any] | None = None,
-                 shard_index: int | None = None,
-                 shard_count: int | None = None) -> grain.MapDataset:
-  """The unbatched, index-addressable stream of `make_iterator`.
-
-  Element `i` is the `i`-th example this process sees (arguments as in
-  `make_iterator`).
-  """
-  if shard_index is None:
-    shard_index = jax.process_index()
-  if shard_count is None:
-    shard_count = jax.process_count()
+                 transform: Callable[[Any], Any] | None = None
+                 ) -> grain.MapDataset:
+  """The global, unbatched, index-addressable stream of examples."""
   ds = grain.MapDataset.source(source)
-  ds = shard_dataset(ds, shard_index, shard_count)
   if shuffle:
     # Distinct per-epoch permutations derive from (seed, epoch); shuffling
     # before repeat keeps epochs unmixed.
@@ -102,46 +79,68 @@ def make_dataset(source: RandomAccessSource, *, seed: int,
   return ds
 
 
+def process_batches(dataset: grain.MapDataset, global_batch_size: int, *,
+                    process_index: int, process_count: int,
+                    drop_remainder: bool = True) -> grain.MapDataset:
+  """This process's slice of every global batch of `dataset`."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"bad process {process_index} of {process_count}")
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} does not split over "
+                     f"{process_count} processes")
+  local = dataset.batch(global_batch_size // process_count,
+                        drop_remainder=drop_remainder)
+  if len(local) < process_count:
+    raise ValueError(f"source of {len(dataset)} examples gives no global "
+                     f"batch of {global_batch_size}")
+  # Whole global batches only, so every process has the same count.
+  usable = len(local) - len(local) % process_count
+  return local[:usable][process_index::process_count]
+
+
 def make_iterator(source: RandomAccessSource, *, batch_size: int, seed: int,
                   shuffle: bool = True, num_epochs: int | None = None,
                   transform: Callable[[Any], Any] | None = None,
-                  shard_index: int | None = None,
-                  shard_count: int | None = None,
+                  process_index: int | None = None,
+                  process_count: int | None = None,
                   drop_remainder: bool = True,
-                  num_threads: int = 4,
-                  prefetch_buffer_size: int | None = None
+                  num_threads: int = 2,
+                  prefetch_batches: int = 2
                   ) -> grain.DatasetIterator:
-  """A checkpointable iterator of per-process numpy batches.
+  """A checkpointable iterator of this process's numpy batches.
 
   Args:
     source: random-access records (dicts of arrays/scalars/bytes).
-    batch_size: examples per batch on this process.
-    seed: shuffle seed; the order is a pure function of it and the shard.
+    batch_size: the global batch size (all processes together).
+    seed: shuffle seed; the order is a pure function of it.
     shuffle: shuffle globally (a new permutation every epoch).
     num_epochs: passes over the data; None repeats forever.
     transform: per-example function applied before batching.
-    shard_index: this process's shard (default `jax.process_index()`).
-    shard_count: number of shards (default `jax.process_count()`).
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
     drop_remainder: drop a final partial batch (only matters for finite
       `num_epochs`).
-    num_threads: reader threads (records are read and transformed in
-      parallel, returned in order).
-    prefetch_buffer_size: records read ahead (default two batches).
+    num_threads: reader threads (batches are read in parallel, returned in
+      order).
+    prefetch_batches: batches read ahead.
 
   Returns:
-    A grain `DatasetIterator` yielding dicts of stacked numpy arrays. Its
-    `get_state()` is a JSON-serializable dict; `set_state(state)` resumes at
-    exactly the next batch.
+    A grain `DatasetIterator` yielding dicts of stacked numpy arrays with
+    `batch_size / process_count` rows. Its `get_state()` is a
+    JSON-serializable dict; `set_state(state)` resumes at exactly the next
+    batch.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   ds = make_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                    transform=transform, shard_index=shard_index,
-                    shard_count=shard_count)
-  read_options = grain.ReadOptions(
-      num_threads=num_threads,
-      prefetch_buffer_size=prefetch_buffer_size or 2 * batch_size)
-  # Batch after the threaded reader, so read-ahead is counted in records.
-  ds = ds.to_iter_dataset(read_options).batch(
-      batch_size, drop_remainder=drop_remainder)
-  return iter(ds)
+                    transform=transform)
+  ds = process_batches(
+      ds, batch_size,
+      process_index=jax.process_index() if process_index is None
+      else process_index,
+      process_count=jax.process_count() if process_count is None
+      else process_count,
+      drop_remainder=drop_remainder)
+  read_options = grain.ReadOptions(num_threads=num_threads,
+                                   prefetch_buffer_size=prefetch_batches)
+  return iter(ds.to_iter_dataset(read_options))

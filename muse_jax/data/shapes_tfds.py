@@ -134,8 +134,8 @@ class ShapesCompositional(tfds.core.GeneratorBasedBuilder):
 
 def build_shapes(data_dir: str, config_name: str = "s64",
                  num_train: int = 16000, num_validation: int = 1000,
-                 num_heldout: int = 1000, seed: int = 0
-                 ) -> ShapesCompositional:
+                 num_heldout: int = 1000, seed: int = 0,
+                 prepare: bool = True) -> ShapesCompositional:
   """Prepares (once) and returns the shapes builder in `data_dir`.
 
   Args:
@@ -148,6 +148,8 @@ def build_shapes(data_dir: str, config_name: str = "s64",
     num_validation: examples in the validation split.
     num_heldout: examples in the heldout split.
     seed: dataset seed; train/validation/heldout streams derive from it.
+    prepare: build the dataset if it is not there; with False a missing
+      dataset is an error (processes other than the builder only open it).
 
   Returns:
     The prepared builder; a second call with the same arguments only opens it.
@@ -162,6 +164,9 @@ def build_shapes(data_dir: str, config_name: str = "s64",
   builder = ShapesCompositional(data_dir=data_dir, config=config,
                                 file_format="array_record")
   if not builder.is_prepared():
+    if not prepare:
+      raise FileNotFoundError(
+          f"the shapes dataset {config.name} is not built in {data_dir}")
     builder.download_and_prepare()
   return builder
 

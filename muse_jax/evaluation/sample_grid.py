@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import textwrap
 
+from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -35,4 +36,5 @@ def save_grid(path: str, images: Sequence[np.ndarray], captions: Sequence[str],
     for j, line in enumerate(lines):
       draw.text((x0 + 2, y0 + h * scale + 2 + 12 * j), line, fill=(0, 0, 0),
                 font=font)
-  canvas.save(path)
+  with epath.Path(path).open("wb") as f:
+    canvas.save(f, format="PNG")

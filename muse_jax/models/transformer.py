@@ -2,24 +2,30 @@
 
 Image tokens (codebook ids, plus one [MASK] id) are embedded, given learned 2D
 positional embeddings and processed by pre-LN blocks of self-attention over
-image tokens, cross-attention to the linearly projected text embeddings, and
-an MLP. An MLP head turns each position into logits over the codebook.
+image tokens, cross-attention to a conditioning context
+(`muse_jax.conditioning`: for the base model, the linearly projected text
+embeddings), and an MLP. An MLP head turns each position into logits over
+the codebook.
 
 Layers are stacked along a leading `layers` axis and applied with
 `jax.lax.scan` (one compiled block: fast to compile, constant program size);
 `scan_layers=False` unrolls them. `remat_policy` chooses what the backward
-pass recomputes. The text keys/values of every layer can be computed once
-(`text_kv`) and reused by every decoding step (`decode`).
+pass recomputes. The context's keys/values of every layer can be computed
+once (`context_kv`) and reused by every decoding step (`logits`,
+`features`). `attention_impl` / `matmul_impl` pick the plain JAX path
+(default) or the XLA:CPU one (`muse_jax.models.layers`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from muse_jax import conditioning
 from muse_jax import sharding
 from muse_jax.config_types import dtype_from_name
 from muse_jax.models import layers
@@ -46,6 +52,8 @@ class TransformerConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "plain"
+  matmul_impl: str = "plain"
 
   def __post_init__(self):
     for name in ("codebook_size", "grid_size", "text_dim", "width", "depth",
@@ -59,6 +67,8 @@ class TransformerConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"TransformerConfig.remat_policy={self.remat_policy!r}"
                        f" not in {sorted(REMAT_POLICIES)}")
+    layers.check_impl("TransformerConfig.attention_impl", self.attention_impl)
+    layers.check_impl("TransformerConfig.matmul_impl", self.matmul_impl)
     dtype_from_name(self.dtype)
     dtype_from_name(self.param_dtype)
 
@@ -71,35 +81,57 @@ class TransformerConfig:
     return self.grid_size**2
 
 
+@flax.struct.dataclass
+class ContextKV:
+  """A context's cross-attention keys and values for every layer.
+
+  keys, values: [depth, B', ...] in the attention impl's layout; mask:
+  [B', S]; `keyed_rows` as in `conditioning.Context` (B' = keyed_rows rows
+  have keys, the batch's further rows attend nothing).
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  mask: jax.Array
+  keyed_rows: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
 class Block(nnx.Module):
-  """Pre-LN self-attention, cross-attention to text, and MLP."""
+  """Pre-LN self-attention, cross-attention to the context, and MLP."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=dtype_from_name(cfg.dtype),
               param_dtype=dtype_from_name(cfg.param_dtype))
+    attn_kw = dict(impl=cfg.attention_impl, matmul_impl=cfg.matmul_impl, **kw)
     d = cfg.width
+    # XLA:CPU runs the norm-fused up-projection of a 2-D [B*T, D] operand
+    # markedly faster than of [B, T, D] (the reshape is free).
+    self.flat_mlp = cfg.matmul_impl == "xla_cpu"
     self.norm1 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.self_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **kw)
+    self.self_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **attn_kw)
     self.norm2 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.cross_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **kw)
+    self.cross_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **attn_kw)
     self.norm3 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.mlp = layers.Mlp(d, cfg.mlp_dim, rngs=rngs, **kw)
+    self.mlp = layers.Mlp(d, cfg.mlp_dim, rngs=rngs, impl=cfg.matmul_impl,
+                          **kw)
 
-  def __call__(self, x, text_kv, text_mask, text_rows: int | None = None):
+  def cross(self, x, kv, mask, keyed_rows: int | None):
+    """Cross-attention of `x` [B, T, D] to one layer's context keys/values."""
+    if keyed_rows is None or keyed_rows == x.shape[0]:
+      return self.cross_attn(x, mask=mask, cached_kv=kv)
+    with_keys = self.cross_attn(x[:keyed_rows], mask=mask, cached_kv=kv)
+    without = self.cross_attn.output_without_keys(
+        (x.shape[0] - keyed_rows, *x.shape[1:]))
+    return jnp.concatenate([with_keys, without.astype(with_keys.dtype)])
+
+  def __call__(self, x, kv, mask, keyed_rows: int | None = None):
     x = x + self.self_attn(self.norm1(x))
-    if text_rows is None or text_rows == x.shape[0]:
-      x = x + self.cross_attn(self.norm2(x), mask=text_mask,
-                              cached_kv=text_kv)
-    else:  # Rows from text_rows on attend no text: a constant output.
-      with_text = self.cross_attn(self.norm2(x[:text_rows]), mask=text_mask,
-                                  cached_kv=text_kv)
-      without = self.cross_attn.output_without_keys(
-          (x.shape[0] - text_rows, *x.shape[1:]))
-      x = x + jnp.concatenate([with_text, without.astype(with_text.dtype)])
-    # The MLP sees [B*T, D]: XLA:CPU runs the norm-fused up-projection of a
-    # 2-D operand markedly faster than of [B, T, D] (a bitcast, free).
-    flat = x.reshape(-1, x.shape[-1])
-    x = (flat + self.mlp(self.norm3(flat))).reshape(x.shape)
+    x = x + self.cross(self.norm2(x), kv, mask, keyed_rows)
+    if self.flat_mlp:
+      flat = x.reshape(-1, x.shape[-1])
+      x = (flat + self.mlp(self.norm3(flat))).reshape(x.shape)
+    else:
+      x = x + self.mlp(self.norm3(x))
     return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -110,6 +142,7 @@ class MaskedTransformer(nnx.Module):
     self.cfg = cfg
     kw = dict(dtype=dtype_from_name(cfg.dtype),
               param_dtype=dtype_from_name(cfg.param_dtype))
+    dense_kw = dict(impl=cfg.matmul_impl, **kw)
     d = cfg.width
     # codebook_size + 1 rows rarely divide a mesh axis: rows stay unsharded.
     self.token_embed = layers.Embed(
@@ -119,10 +152,8 @@ class MaskedTransformer(nnx.Module):
             nnx.initializers.truncated_normal(stddev=0.02),
             ("positions", "embed"))(
                 rngs.params(), (cfg.seq_len, d), kw["param_dtype"]))
-    self.text_proj = layers.Einsum(
-        "bld,de->ble", (cfg.text_dim, d), ("text_embed", "embed"), rngs=rngs,
-        use_bias=True, **kw)
-    self.text_norm = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.conditioner = conditioning.TextConditioner(
+        cfg.text_dim, d, rngs=rngs, matmul_impl=cfg.matmul_impl, **kw)
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0,
@@ -135,74 +166,64 @@ class MaskedTransformer(nnx.Module):
     # Muse's output head: an MLP from each embedding to codebook logits.
     self.head_dense = layers.Einsum(
         "btd,de->bte", (d, d), ("mlp", "embed"), rngs=rngs, use_bias=True,
-        **kw)
+        **dense_kw)
     self.head_norm = layers.LayerNorm(d, rngs=rngs, **kw)
     self.head_out = layers.Einsum(
         "bte,ev->btv", (d, cfg.codebook_size), ("embed", "vocab"), rngs=rngs,
-        use_bias=True, **kw)
+        use_bias=True, **dense_kw)
 
-  def _layer_states(self):
-    return nnx.split(self.blocks)
+  def context(self, condition: conditioning.Text) -> conditioning.Context:
+    """The conditioning context of raw condition inputs."""
+    return self.conditioner(condition)
 
-  def text_kv(self, text_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-layer cross-attention keys and values [depth, B, H, L, K] each."""
-    ctx = self.text_norm(self.text_proj(text_emb))
-    ctx = sharding.constrain(ctx, ("batch", "text_length", "act_embed"))
-    graphdef, state = self._layer_states()
+  def context_kv(self, context: conditioning.Context) -> ContextKV:
+    """Every layer's cross-attention keys and values of `context`."""
+    graphdef, state = nnx.split(self.blocks)
 
     def kv(layer_state):
-      return nnx.merge(graphdef, layer_state).cross_attn.kv(ctx)
+      return nnx.merge(graphdef, layer_state).cross_attn.kv(
+          context.embeddings)
 
     if self.cfg.scan_layers:
-      return jax.lax.map(kv, state)
-    outs = [kv(jax.tree.map(lambda a, i=i: a[i], state))
-            for i in range(self.cfg.depth)]
-    return tuple(jnp.stack(parts) for parts in zip(*outs))
+      keys, values = jax.lax.map(kv, state)
+    else:
+      outs = [kv(jax.tree.map(lambda a, i=i: a[i], state))
+              for i in range(self.cfg.depth)]
+      keys, values = (jnp.stack(parts) for parts in zip(*outs))
+    return ContextKV(keys, values, context.mask, context.keyed_rows)
 
-  def decode(self, tokens: jax.Array, text_kv, text_mask: jax.Array, *,
-             text_rows: int | None = None) -> jax.Array:
-    """Logits [B, N, codebook] (f32) given precomputed text keys/values."""
-    return self.head_logits(self.decode_features(
-        tokens, text_kv, text_mask, text_rows=text_rows))
-
-  def decode_features(self, tokens: jax.Array, text_kv,
-                      text_mask: jax.Array, *,
-                      text_rows: int | None = None) -> jax.Array:
+  def features(self, tokens: jax.Array, kv: ContextKV) -> jax.Array:
     """The output head's last hidden states [B, N, D], before `head_logits`.
 
     Logits are affine in these, so a guided sampler can mix the conditional
     and unconditional features and project once, at half the cost of
-    projecting both onto the codebook. With `text_rows` = R only the first
-    R rows of `tokens` have text (`text_kv`, `text_mask` have R rows); the
-    others are unconditional, exactly as with an all-False text mask, and
-    skip cross-attention (the sampler's [cond; uncond] batch).
+    projecting both onto the codebook.
     """
-    if text_rows is not None and text_mask.shape[0] != text_rows:
-      raise ValueError(f"text_rows={text_rows} but the text mask has "
-                       f"{text_mask.shape[0]} rows")
     if tokens.shape[-1] != self.cfg.seq_len:
       raise ValueError(
           f"tokens have length {tokens.shape[-1]}, the model expects "
           f"{self.cfg.seq_len} (= grid_size**2)")
+    rows = kv.mask.shape[0] * (2 if kv.keyed_rows is not None else 1)
+    if tokens.shape[0] != rows:
+      raise ValueError(f"{tokens.shape[0]} token rows but the context "
+                       f"conditions {rows}")
     x = self.token_embed(tokens) + self.pos_embed[...].astype(
         self.token_embed.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
-    graphdef, state = self._layer_states()
+    graphdef, state = nnx.split(self.blocks)
 
     def body(h, xs):
       layer_state, k, v = xs
       block = nnx.merge(graphdef, layer_state)
-      return block(h, (k, v), text_mask, text_rows), None
+      return block(h, (k, v), kv.mask, kv.keyed_rows), None
 
-    policy = REMAT_POLICIES[self.cfg.remat_policy]
     if self.cfg.remat_policy != "none":
-      body = jax.checkpoint(body, policy=policy)
-    keys, values = text_kv
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat_policy])
     if self.cfg.scan_layers:
-      x, _ = jax.lax.scan(body, x, (state, keys, values))
+      x, _ = jax.lax.scan(body, x, (state, kv.keys, kv.values))
     else:
       for i in range(self.cfg.depth):
-        xs = jax.tree.map(lambda a, i=i: a[i], (state, keys, values))
+        xs = jax.tree.map(lambda a, i=i: a[i], (state, kv.keys, kv.values))
         x, _ = body(x, xs)
     x = self.final_norm(x)
     h = jax.nn.gelu(self.head_dense(x))
@@ -210,11 +231,15 @@ class MaskedTransformer(nnx.Module):
                               ("batch", "length", "act_embed"))
 
   def head_logits(self, features: jax.Array) -> jax.Array:
-    """Logits [B, N, codebook] (f32): the affine map of `decode_features`."""
+    """Logits [B, N, codebook] (f32): the affine map of `features`."""
     logits = self.head_out(features).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
-  def __call__(self, tokens: jax.Array, text_emb: jax.Array,
-               text_mask: jax.Array) -> jax.Array:
-    """Logits [B, N, codebook] for image `tokens` [B, N] given the text."""
-    return self.decode(tokens, self.text_kv(text_emb), text_mask)
+  def logits(self, tokens: jax.Array, kv: ContextKV) -> jax.Array:
+    """Logits [B, N, codebook] (f32) given precomputed context keys/values."""
+    return self.head_logits(self.features(tokens, kv))
+
+  def __call__(self, tokens: jax.Array,
+               context: conditioning.Context) -> jax.Array:
+    """Logits [B, N, codebook] for image `tokens` [B, N] given a context."""
+    return self.logits(tokens, self.context_kv(context))

@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
 from muse_jax.config_types import dtype_from_name
 
@@ -499,6 +500,17 @@ class Quantizer(nnx.Module):
 # ----------------------------------------------------------------------------
 # The tokenizer.
 # ----------------------------------------------------------------------------
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+  """uint8 images [0, 255] -> float32 [-1, 1], the tokenizer's input range."""
+  return np.asarray(images).astype(np.float32) / 127.5 - 1.0
+
+
+def from_unit_range(images: Any) -> np.ndarray:
+  """Float images in [-1, 1] -> uint8 [0, 255]."""
+  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0,
+                 255).astype(np.uint8)
 
 
 def _straight_through_clip(x: Array) -> Array:

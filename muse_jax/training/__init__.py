@@ -1,0 +1,1 @@
+"""The training loop, the task interface, optimizers and metric writers."""
