@@ -36,9 +36,9 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import flops as flops_lib
 from benchmarks import timing
-from muse_jax import conditioning
 from muse_jax import sampling
 from muse_jax import sharding
+from muse_jax.models import conditioning
 from muse_jax.models.transformer import MaskedTransformer, TransformerConfig
 from muse_jax.tasks.masked_transformer import (MaskedTransformerTask,
                                                ObjectiveConfig)
@@ -179,7 +179,7 @@ def bench_sample(cfg: configs.BenchConfig, *, peak: float, device: str,
       xla_flops_raw=flops_lib.xla_flops(compiled),
       flops_matmul=flops_lib.ours_sample_matmul_flops(
           cfg, cfg.batch, cfg.sample_steps, guided),
-      forward_batch=b2, forward_median_s=ft.median_s,
+      forward_batch=b2, forward_median_s=ft.median_s, model_impl=cfg.impl,
       forward_flops=fwd_flops,
       forward_flops_per_s=fwd_flops / ft.median_s,
       non_transformer_fraction=1.0 - forwards_s / t.median_s,
@@ -266,7 +266,8 @@ def bench_train(cfg: configs.BenchConfig, *, peak: float, device: str,
       compile_s=compile_s, flops=flops,
       xla_flops_raw=flops_lib.xla_flops(compiled),
       flops_matmul=flops_lib.ours_train_matmul_flops(cfg, cfg.batch),
-      final_loss=loss, remat_policy=remat, impl=cfg.impl, device=device,
+      final_loss=loss, remat_policy=remat, model_impl=cfg.impl,
+      device=device,
       jax_version=jax.__version__,
       note="AdamW (OptimizerConfig defaults, global-norm clipping), masked "
            "cross-entropy on random tokens; flops = XLA cost analysis of "

@@ -41,7 +41,7 @@ def peak_matmul_flops(n: int = 2048, repeats: int = 10,
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def native_bf16() -> tuple[bool, str]:
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
   """(whether the device multiplies bf16 natively, the evidence).
 
   Accelerators do; a CPU does when /proc/cpuinfo lists one of
@@ -52,16 +52,16 @@ def native_bf16() -> tuple[bool, str]:
   if jax.devices()[0].platform != "cpu":
     return True, f"{jax.devices()[0].platform} device"
   try:
-    with open("/proc/cpuinfo") as f:
+    with open(cpuinfo) as f:
       flags = {w for line in f if line.startswith(("flags", "Features"))
                for w in line.split(":", 1)[1].split()}
   except OSError:
-    return True, "no /proc/cpuinfo; assuming native bf16"
+    return True, f"no {cpuinfo}; assuming native bf16"
   found = sorted(f for f in BF16_CPU_FLAGS if f in flags)
   if found:
     return True, "CPU flags " + ", ".join(found)
   return False, ("the CPU lists none of the bf16 matrix flags "
-                 f"{', '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo")
+                 f"{', '.join(BF16_CPU_FLAGS)} in {cpuinfo}")
 
 
 def device_name() -> str:

@@ -104,7 +104,7 @@ def run():
   try:
     app.run(main, flags_parser=parse_flags)
   except (ValueError, PermissionError, FileNotFoundError, RuntimeError,
-          KeyError) as e:
+          KeyError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -35,8 +35,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from muse_jax import conditioning
 from muse_jax import masking
+from muse_jax.models import conditioning
 from muse_jax.models.transformer import MaskedTransformer
 
 GUIDANCE_SCHEDULES = ("constant", "linear")

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muse_jax import conditioning
-from muse_jax import sampling
-from muse_jax import sharding
+from muse_jax.models import conditioning
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.models import vqgan
+from muse_jax import sampling
+from muse_jax import sharding
 
 
 class TextToImage:

@@ -22,10 +22,10 @@ import optax
 import pytest
 
 from muse_jax import checkpointing as ck
-from muse_jax import conditioning
-from muse_jax import sharding
 from muse_jax.data import pipeline
+from muse_jax.models import conditioning
 from muse_jax.models import transformer as tr
+from muse_jax import sharding
 
 # A failed Orbax restore leaves un-awaited read coroutines behind; they are
 # collected (and reported as unraisable) after each test, not in later ones.

@@ -1,4 +1,4 @@
-"""Tests of the conditioning context (muse_jax.conditioning)."""
+"""Tests of the conditioning context (muse_jax.models.conditioning)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muse_jax import conditioning
+from muse_jax.models import conditioning
 
 WIDTH = 4
 

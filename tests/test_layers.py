@@ -472,3 +472,28 @@ def test_unknown_impl_raises_naming_it(make):
   with nnx.use_eager_sharding(False):
     with pytest.raises(ValueError, match=r"impl='xla_gpu' not in"):
       make("xla_gpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_attention_xla_cpu_equals_plain(dtype):
+  plain, fast = _attention_pair(dtype, context_features=12, qk_norm=True)
+  assert plain.query_norm is not None and plain.key_norm is not None
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 5, 16))
+  context = rng.normal(size=(2, 7, 12))
+  mask = jnp.asarray(CROSS_MASK)
+  # The key norm makes the key bias matter: no gradient is zero.
+  _check_same_function(plain, fast, lambda m, x, c: m(x, c, mask),
+                       (x, context), dtype)
+
+
+def test_qk_norm_bounds_the_logits():
+  """Scaling the query projection by 1000 leaves qk-normed outputs alone."""
+  with nnx.use_eager_sharding(False):
+    attn = layers.Attention(16, 2, rngs=nnx.Rngs(0), qk_norm=True)
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 5, 16)),
+                  jnp.float32)
+  before = attn(x)
+  attn.query.kernel[...] = attn.query.kernel[...] * 1000.0
+  attn.query.bias[...] = attn.query.bias[...] * 1000.0
+  np.testing.assert_allclose(attn(x), before, atol=1e-4)

@@ -203,6 +203,10 @@ def test_batch_must_split_over_processes(source):
     _iterator(source, 0, 1, batch_size=0)
   with pytest.raises(ValueError, match="no global batch"):
     _iterator(pipeline.ArraySource({"i": np.arange(5)}), 0, 2)
+  with pytest.raises(ValueError, match="drop_remainder=False"):
+    pipeline.make_iterator(source, batch_size=8, seed=0, num_epochs=1,
+                           drop_remainder=False, process_index=0,
+                           process_count=2)
 
 
 def test_uneven_sources_give_equal_processes():

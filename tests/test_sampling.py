@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muse_jax import conditioning
 from muse_jax import masking
-from muse_jax import sampling
+from muse_jax.models import conditioning
 from muse_jax.models import transformer as tr
+from muse_jax import sampling
 
 CFG = tr.TransformerConfig(codebook_size=16, grid_size=4, text_dim=8,
                            width=16, depth=2, num_heads=2, mlp_dim=32)

@@ -210,7 +210,7 @@ def test_checkpoint_restore_gives_identical_outputs(finished):
   with nnx.use_eager_sharding(False):
     from muse_jax.models import transformer as tr  # pylint: disable=g-import-not-at-top
     fresh = tr.MaskedTransformer(cfg, rngs=nnx.Rngs(123))
-  from muse_jax import conditioning  # pylint: disable=g-import-not-at-top
+  from muse_jax.models import conditioning  # pylint: disable=g-import-not-at-top
   tokens = np.zeros((8, cfg.seq_len), np.int32)
   text = conditioning.Text(np.ones((8, 4, cfg.text_dim), np.float32),
                            np.ones((8, 4), bool))
@@ -296,3 +296,25 @@ def test_main_imports_no_tensorflow(tmp_path):
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_sampling_and_decoding_shard_the_batch(finished, monkeypatch):
+  """Every device samples and decodes a slice of each batch (8 devices)."""
+  from muse_jax import sharding  # pylint: disable=g-import-not-at-top
+  seen = []
+  original = sharding.shard_host_batch
+
+  def recording(x, mesh, rules):
+    out = original(x, mesh, rules)
+    seen.append(out)
+    return out
+
+  monkeypatch.setattr(sharding, "shard_host_batch", recording)
+  generate = sample_cli.load_generator(str(finished[0].workdir))
+  images = generate(["a red circle"] * 3, seed=0)
+  assert images.shape == (3, 64, 64, 3)
+  assert generate.batch_size % 8 == 0 and seen
+  for array in seen:  # text embeddings, mask, then token grids
+    shards = array.addressable_shards
+    assert len({s.device for s in shards}) == 8
+    assert all(s.data.shape[0] == array.shape[0] // 8 for s in shards)

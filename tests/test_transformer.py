@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from muse_jax import conditioning
 from muse_jax import config_types
 from muse_jax import masking
-from muse_jax import sharding
+from muse_jax.models import conditioning
 from muse_jax.models import transformer as tr
+from muse_jax import sharding
 
 CODEBOOK = 16
 TEXT_DIM = 8
@@ -411,6 +411,23 @@ def test_bad_impl_names_the_value_and_choices(field):
   with pytest.raises(ValueError, match=rf"{field}='fast' not in "
                      r"\('plain', 'xla_cpu'\)"):
     tiny_cfg(**{field: "fast"})
+
+
+@pytest.mark.parametrize("qk_norm,normed", [
+    ("none", set()), ("cross", {"cross_attn"}),
+    ("all", {"cross_attn", "self_attn"})])
+def test_qk_norm_placement(qk_norm, normed):
+  model = make_model(tiny_cfg(qk_norm=qk_norm))
+  blocks = model.blocks
+  have = {name for name in ("self_attn", "cross_attn")
+          if getattr(blocks, name).query_norm is not None}
+  assert have == normed
+  tokens, text = make_inputs()
+  logits = call_on_text(model, tokens, text)
+  assert logits.shape == (2, 16, CODEBOOK) and bool(jnp.all(
+      jnp.isfinite(logits)))
+  with pytest.raises(ValueError, match=r"TransformerConfig\.qk_norm='some'"):
+    tiny_cfg(qk_norm="some")
 
 
 @pytest.mark.parametrize("field", ["dtype", "param_dtype"])

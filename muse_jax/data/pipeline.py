@@ -88,6 +88,9 @@ def process_batches(dataset: grain.MapDataset, global_batch_size: int, *,
   if global_batch_size % process_count:
     raise ValueError(f"batch size {global_batch_size} does not split over "
                      f"{process_count} processes")
+  if not drop_remainder and process_count > 1:
+    # A final partial global batch has no equal per-process slices.
+    raise ValueError("drop_remainder=False needs a single process")
   local = dataset.batch(global_batch_size // process_count,
                         drop_remainder=drop_remainder)
   if len(local) < process_count:

@@ -172,6 +172,35 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """RMS normalisation computed in float32, with a learned scale."""
+
+  def __init__(
+      self,
+      features: int,
+      *,
+      rngs: nnx.Rngs,
+      eps: float = 1e-6,
+      axis_name: str = "embed",
+      dtype: Dtype = jnp.float32,
+      param_dtype: Dtype = jnp.float32,
+  ):
+    del rngs  # Deterministic init; the argument keeps constructors uniform.
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(
+        _init(nnx.initializers.ones_init(), (axis_name,))(
+            None, (features,), param_dtype
+        )
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                            + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
 class Mlp(nnx.Module):
   """Two-layer GELU MLP, d -> mlp -> d."""
 
@@ -223,7 +252,11 @@ class Attention(nnx.Module):
   `cached_kv`: the sampler does this for the conditioning context, which
   does not change across steps. q/k/v are projected to [B, T, H, K]; the
   `"xla_cpu"` impl swaps them to heads-major for `cpu_kernels.attend`, so
-  its cached keys/values are [B, H, S, K].
+  its cached keys/values are [B, H, S, K]. `qk_norm` RMS-normalises every
+  head's queries and keys before their product (QK-norm, Dehghani et al.
+  2023, here in its RMS form): the attention logits cannot grow without
+  bound, which keeps training stable at learning rates where plain
+  attention collapses.
   """
 
   def __init__(
@@ -239,6 +272,7 @@ class Attention(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       impl: str = "plain",
       matmul_impl: str | None = None,
+      qk_norm: bool = False,
   ):
     """`impl` picks the attention core; `matmul_impl` (default: `impl`)
     the projections' products."""
@@ -268,10 +302,16 @@ class Attention(nnx.Module):
     self.out = Einsum(
         out_eqn, (num_heads, head_dim, features),
         ("heads", "kv", "embed"), fan_in_ndim=2, **kw)
+    norm_kw = dict(rngs=rngs, axis_name="kv", dtype=dtype,
+                   param_dtype=param_dtype)
+    self.query_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
+    self.key_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
 
   def kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values of `context` [B, S, Dc], in this impl's layout."""
     k, v = self.key(context), self.value(context)
+    if self.key_norm is not None:
+      k = self.key_norm(k)
     if self.impl == "xla_cpu":
       return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     return k, v
@@ -294,8 +334,15 @@ class Attention(nnx.Module):
     else:
       k, v = self.kv(x if context is None else context)
     k, v = k.astype(self.dtype), v.astype(self.dtype)
+    scale = self.head_dim**-0.5
+    if self.query_norm is None:
+      q = self.query(x, scale=scale) if self.impl == "xla_cpu" else (
+          self.query(x))
+    else:
+      q = self.query_norm(self.query(x))
+      if self.impl == "xla_cpu":
+        q = q * jnp.asarray(scale, q.dtype)
     if self.impl == "xla_cpu":
       # Pre-scaled queries, heads-major.
-      q = jnp.swapaxes(self.query(x, scale=self.head_dim**-0.5), 1, 2)
-      return self.out(cpu_kernels.attend(q, k, v, mask))
-    return self.out(dot_product_attention(self.query(x), k, v, mask))
+      return self.out(cpu_kernels.attend(jnp.swapaxes(q, 1, 2), k, v, mask))
+    return self.out(dot_product_attention(q, k, v, mask))

@@ -3,7 +3,7 @@
 Image tokens (codebook ids, plus one [MASK] id) are embedded, given learned 2D
 positional embeddings and processed by pre-LN blocks of self-attention over
 image tokens, cross-attention to a conditioning context
-(`muse_jax.conditioning`: for the base model, the linearly projected text
+(`muse_jax.models.conditioning`: for the base model, the linearly projected text
 embeddings), and an MLP. An MLP head turns each position into logits over
 the codebook.
 
@@ -25,10 +25,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from muse_jax import conditioning
-from muse_jax import sharding
 from muse_jax.config_types import dtype_from_name
+from muse_jax.models import conditioning
 from muse_jax.models import layers
+from muse_jax import sharding
 
 REMAT_POLICIES = {
     "none": None,
@@ -36,6 +36,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+QK_NORMS = ("none", "cross", "all")
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -54,6 +57,9 @@ class TransformerConfig:
   remat_policy: str = "none"
   attention_impl: str = "plain"
   matmul_impl: str = "plain"
+  # QK-norm (layers.Attention): "none", "cross" (cross-attention only) or
+  # "all" (self- and cross-attention).
+  qk_norm: str = "none"
 
   def __post_init__(self):
     for name in ("codebook_size", "grid_size", "text_dim", "width", "depth",
@@ -67,6 +73,9 @@ class TransformerConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"TransformerConfig.remat_policy={self.remat_policy!r}"
                        f" not in {sorted(REMAT_POLICIES)}")
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"TransformerConfig.qk_norm={self.qk_norm!r} not in "
+                       f"{QK_NORMS}")
     layers.check_impl("TransformerConfig.attention_impl", self.attention_impl)
     layers.check_impl("TransformerConfig.matmul_impl", self.matmul_impl)
     dtype_from_name(self.dtype)
@@ -102,15 +111,19 @@ class Block(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=dtype_from_name(cfg.dtype),
               param_dtype=dtype_from_name(cfg.param_dtype))
-    attn_kw = dict(impl=cfg.attention_impl, matmul_impl=cfg.matmul_impl, **kw)
+    attn_kw = dict(impl=cfg.attention_impl, matmul_impl=cfg.matmul_impl,
+                   **kw)
     d = cfg.width
     # XLA:CPU runs the norm-fused up-projection of a 2-D [B*T, D] operand
     # markedly faster than of [B, T, D] (the reshape is free).
     self.flat_mlp = cfg.matmul_impl == "xla_cpu"
     self.norm1 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.self_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **attn_kw)
+    self.self_attn = layers.Attention(d, cfg.num_heads, rngs=rngs,
+                                      qk_norm=cfg.qk_norm == "all", **attn_kw)
     self.norm2 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.cross_attn = layers.Attention(d, cfg.num_heads, rngs=rngs, **attn_kw)
+    self.cross_attn = layers.Attention(d, cfg.num_heads, rngs=rngs,
+                                       qk_norm=cfg.qk_norm != "none",
+                                       **attn_kw)
     self.norm3 = layers.LayerNorm(d, rngs=rngs, **kw)
     self.mlp = layers.Mlp(d, cfg.mlp_dim, rngs=rngs, impl=cfg.matmul_impl,
                           **kw)

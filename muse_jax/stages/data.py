@@ -55,6 +55,8 @@ class Data(graph.Stage):
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     if distributed.is_leader():
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      tfds.disable_progress_bar()  # The console shows the stage's lines.
       open_builder(run.config, run.dir, build=True)
     distributed.barrier("data-built")
     return {"splits": {s: len(split_source(run.config, run.dir, s))

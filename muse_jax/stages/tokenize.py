@@ -105,14 +105,15 @@ class Tokenize(graph.Stage):
           pass
       distributed.barrier(f"tokenize-{split}")
       info[split] = stats
+      if not distributed.is_leader():
+        continue
       if stats["truncated_captions"]:
         print(f"[tokenize] {split}: {stats['truncated_captions']} of "
               f"{stats['distinct_captions']} distinct captions truncated to "
               f"{encoder.max_len} tokens", flush=True)
-      if distributed.is_leader():
-        print(f"[tokenize] {split}: {stats['examples']} images, "
-              f"{stats['distinct_captions']} distinct captions embedded in "
-              f"{stats['text_encode_s']:.1f}s", flush=True)
+      print(f"[tokenize] {split}: {stats['examples']} images, "
+            f"{stats['distinct_captions']} distinct captions embedded in "
+            f"{stats['text_encode_s']:.1f}s", flush=True)
     return info
 
 

@@ -20,15 +20,19 @@ from muse_jax.training import loop as loop_lib
 from muse_jax.training import optimizer as optimizer_lib
 
 
-def make_task(config) -> masked_transformer.MaskedTransformerTask:
+def make_task(config) -> tuple[masked_transformer.MaskedTransformerTask,
+                               loop_lib.LoopConfig]:
   t = config.transformer
-  return masked_transformer.MaskedTransformerTask(
+  loop = config_types.dataclass_from_config(
+      loop_lib.LoopConfig, t.loop, seed=config.seed)
+  task = masked_transformer.MaskedTransformerTask(
       artifacts.transformer_config(config),
       config_types.dataclass_from_config(optimizer_lib.OptimizerConfig,
                                          t.optimizer),
       config_types.dataclass_from_config(masked_transformer.ObjectiveConfig,
                                          t.objective),
-      num_steps=t.loop.num_steps, seed=config.seed)
+      num_steps=loop.num_steps, seed=config.seed)
+  return task, loop
 
 
 class Transformer(graph.Stage):
@@ -38,20 +42,17 @@ class Transformer(graph.Stage):
 
   def check(self, config) -> None:
     make_task(config)
-    config_types.dataclass_from_config(loop_lib.LoopConfig,
-                                       config.transformer.loop)
     if config.transformer.batch_size < 1:
       raise ValueError("transformer.batch_size must be >= 1")
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, t = run.config, run.config.transformer
-    loop = config_types.dataclass_from_config(
-        loop_lib.LoopConfig, t.loop, seed=config.seed)
+    task, loop = make_task(config)
     source = records.open_source(run.inputs["tokenize"], "train")
     data = pipeline.make_iterator(
         source, batch_size=t.batch_size, seed=config.seed + 1,
         transform=tokenize.text_example(source.manifest["max_len"]))
     _, summary = loop_lib.train(
-        make_task(config), stage=self.name, workdir=run.dir, data=data,
+        task, stage=self.name, workdir=run.dir, data=data,
         loop=loop, mesh=run.env.mesh, rules=run.env.rules)
     return summary

@@ -17,8 +17,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from muse_jax import conditioning
 from muse_jax import masking
+from muse_jax.models import conditioning
 from muse_jax.models.transformer import MaskedTransformer, TransformerConfig
 from muse_jax.training import optimizer as optimizer_lib
 from muse_jax.training import task as task_lib
