@@ -147,20 +147,6 @@ def ratio_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def runnable_configs(names: list[str], bf16_ok: bool, evidence: str
-                     ) -> tuple[list[str], list[dict[str, Any]]]:
-  """(configs to run, `what: skip` records of the bf16 ones without bf16)."""
-  run, skipped = [], []
-  for name in names:
-    if configs.get(name).dtype == "bfloat16" and not bf16_ok:
-      skipped.append(dict(what="skip", impl="bench", config=name,
-                          reason=f"no native bf16 on this machine "
-                                 f"({evidence})"))
-    else:
-      run.append(name)
-  return run, skipped
-
-
 def main(argv) -> None:
   del argv
   t_start = time.perf_counter()
@@ -181,7 +167,7 @@ def main(argv) -> None:
 
   device = peak_lib.device_name()
   has_bf16, evidence = peak_lib.native_bf16()
-  names, skipped = runnable_configs(_CONFIGS.value, has_bf16 or
+  names, skipped = configs.runnable(_CONFIGS.value, has_bf16 or
                                     _FORCE_BF16.value, evidence)
   for rec in skipped:
     timing.log(f"skipping config {rec['config']}: {rec['reason']}; "

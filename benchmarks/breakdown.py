@@ -225,22 +225,23 @@ def run(config: str, what: str, steps: int, top: int,
   return measure(ours.sample_program(cfg))
 
 
-_CONFIG = flags.DEFINE_string("config", "S", "Benchmark config name.")
-_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample"],
-                          "Which program to profile.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Profiled calls (after warm-up).")
-_TOP = flags.DEFINE_integer("top", 25, "How many of the slowest ops to list.")
-_TRACE_DIR = flags.DEFINE_string(
-    "trace_dir", None, "Keep the profiler trace here (for Perfetto / "
-    "TensorBoard); by default it goes to a temporary directory.")
-
-
 def main(argv) -> None:
   del argv
-  for record in run(_CONFIG.value, _WHAT.value, _STEPS.value, _TOP.value,
-                    _TRACE_DIR.value):
+  f = flags.FLAGS
+  for record in run(f.config, f.what, f.steps, f.top, f.trace_dir):
     timing.emit(record)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when this file is the program, so the library
+  # above imports alongside the other CLIs (tests import it) without two
+  # modules claiming the same flag name.
+  flags.DEFINE_string("config", "S", "Benchmark config name.")
+  flags.DEFINE_enum("what", "train", ["train", "sample"],
+                    "Which program to profile.")
+  flags.DEFINE_integer("steps", 3, "Profiled calls (after warm-up).")
+  flags.DEFINE_integer("top", 25, "How many of the slowest ops to list.")
+  flags.DEFINE_string(
+      "trace_dir", None, "Keep the profiler trace here (for Perfetto / "
+      "TensorBoard); by default it goes to a temporary directory.")
   app.run(main)

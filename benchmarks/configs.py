@@ -11,6 +11,7 @@ developing the harness, not a benchmark.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ CONFIGS = {
     "demo": BenchConfig(
         name="demo", width=128, depth=4, num_heads=4, mlp_dim=512,
         grid_size=8, text_len=24, text_dim=384, codebook_size=512,
-        batch=16, sample_steps=64),
+        batch=16, sample_steps=16),
     "tiny": BenchConfig(
         name="tiny", width=64, depth=2, num_heads=2, mlp_dim=256,
         grid_size=4, text_len=8, text_dim=32, codebook_size=64,
@@ -71,3 +72,17 @@ def get(name: str) -> BenchConfig:
     raise ValueError(f"unknown benchmark config {name!r}; "
                      f"expected one of {sorted(CONFIGS)}")
   return CONFIGS[name]
+
+
+def runnable(names: list[str], bf16_ok: bool, evidence: str
+             ) -> tuple[list[str], list[dict[str, Any]]]:
+  """(configs to run, `what: skip` records of the bf16 ones without bf16)."""
+  run, skipped = [], []
+  for name in names:
+    if get(name).dtype == "bfloat16" and not bf16_ok:
+      skipped.append(dict(what="skip", impl="bench", config=name,
+                          reason=f"no native bf16 on this machine "
+                                 f"({evidence})"))
+    else:
+      run.append(name)
+  return run, skipped

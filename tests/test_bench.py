@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import bench
+from benchmarks import configs
 from benchmarks import peak
 from benchmarks import table
 
@@ -25,13 +25,12 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
 
 
 def test_bf16_configs_are_skipped_with_a_reason():
-  run, skipped = bench.runnable_configs(["S", "S-bf16", "demo"], False,
-                                        "no flags")
+  run, skipped = configs.runnable(["S", "S-bf16", "demo"], False,
+                                 "no flags")
   assert run == ["S", "demo"]
   assert [r["config"] for r in skipped] == ["S-bf16"]
   assert "no native bf16" in skipped[0]["reason"]
-  assert bench.runnable_configs(["S", "S-bf16"], True, "")[0] == ["S",
-                                                                  "S-bf16"]
+  assert configs.runnable(["S", "S-bf16"], True, "")[0] == ["S", "S-bf16"]
   # The table says why instead of an empty target block.
   text = table.render(skipped + [dict(what="meta", impl="bench",
                                       device="cpu", date="d",

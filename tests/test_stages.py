@@ -20,11 +20,11 @@ import pytest
 
 from configs import shapes_demo
 from muse_jax import checkpointing
-from muse_jax import sample as sample_cli
 from muse_jax import stages
 from muse_jax.data import records
 from muse_jax.stages import artifacts
 from muse_jax.stages import graph as graph_lib
+from muse_jax.stages import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +191,7 @@ def test_missing_config_key_is_named():
 
 def test_generate_is_deterministic_and_handles_unknown_words(finished):
   graph, _ = finished
-  generate = sample_cli.load_generator(str(graph.workdir))
+  generate = workdir_lib.load_generator(str(graph.workdir))
   prompts = ["a zorbflax blicket circle", "two red squares", ""]
   a = generate(prompts, seed=3)
   b = generate(prompts, seed=3)
@@ -310,7 +310,7 @@ def test_sampling_and_decoding_shard_the_batch(finished, monkeypatch):
     return out
 
   monkeypatch.setattr(sharding, "shard_host_batch", recording)
-  generate = sample_cli.load_generator(str(finished[0].workdir))
+  generate = workdir_lib.load_generator(str(finished[0].workdir))
   images = generate(["a red circle"] * 3, seed=0)
   assert images.shape == (3, 64, 64, 3)
   assert generate.batch_size % 8 == 0 and seen

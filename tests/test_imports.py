@@ -1,0 +1,54 @@
+"""Every library module imports together; only the CLIs define flags.
+
+absl flags live in one global registry, so two modules that both define
+`--out` cannot be imported into one process. Tests and notebooks import the
+library, so the library must define no flags; each CLI below defines its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# The programs: each may define flags and is run, never imported by tests.
+CLIS = ("muse_jax.main", "muse_jax.sample", "benchmarks.bench")
+# Run by the peers' own virtual environment (PyTorch), not importable here.
+PEERS = "benchmarks.peers"
+
+_PROBE = r"""
+import importlib, json, pkgutil, sys
+from absl import flags
+import muse_jax, benchmarks, configs
+clis = set(json.loads(sys.argv[1]))
+peers = sys.argv[2]
+names = []
+for pkg in (muse_jax, benchmarks, configs):
+  names.append(pkg.__name__)
+  for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+    if m.name != peers and not m.name.startswith(peers + "."):
+      names.append(m.name)
+for name in sorted(set(names) - clis):
+  importlib.import_module(name)
+# Only flags our own modules define count (absl.app and tfds add their own).
+ours = tuple(p + "." for p in ("muse_jax", "benchmarks", "configs"))
+defined = {m: sorted(f.name for f in fl)
+           for m, fl in flags.FLAGS.flags_by_module_dict().items()
+           if m.startswith(ours)}
+print(json.dumps(dict(modules=len(names), defined=defined)))
+"""
+
+
+def test_library_modules_import_together_and_define_no_flags():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-c", _PROBE, json.dumps(CLIS), PEERS], cwd=root,
+      capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["modules"] > 30
+  assert result["defined"] == {}, (
+      f"library modules define absl flags (move them under the CLI's "
+      f"__main__ or into a CLI module listed in CLIS): {result['defined']}")
