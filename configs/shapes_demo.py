@@ -14,7 +14,10 @@ COMMAND (what `make demo` runs):
 Smoke-size variant (tests): --config=configs/shapes_demo.py:tiny
 
 EXPECTED (2-core AMD EPYC, Zen 5 class, AVX-512; measured 2026-12-01, see
-README "Results"): EXPECTED_PLACEHOLDER
+README "Results"): make demo 14m52s wall on a fresh clone, install
+included (transformer 702 s at 13 steps/s); metrics.json: decoding.steps 16,
+tokens_per_step 4.0; validation accuracy single 0.85, count 0.55, relation
+0.28, overall 0.56; heldout overall 0.06.
 """
 
 import ml_collections

@@ -36,6 +36,13 @@ def _init(initializer, axes: Sequence[str | None]):
   return nnx.with_partitioning(initializer, tuple(axes))
 
 
+def _vector(init_value: float, features: int, axis_name: str,
+            param_dtype: Dtype) -> nnx.Param:
+  """A constant-initialised [features] parameter on one logical axis."""
+  init = nnx.initializers.constant(init_value)
+  return nnx.Param(_init(init, (axis_name,))(None, (features,), param_dtype))
+
+
 def check_impl(name: str, value: str) -> None:
   """Raises ValueError naming `name` unless `value` is a known impl."""
   if value not in IMPLS:
@@ -150,16 +157,9 @@ class LayerNorm(nnx.Module):
     del rngs  # Deterministic init; the argument keeps constructors uniform.
     self.eps = eps
     self.dtype = dtype
-    self.scale = nnx.Param(
-        _init(nnx.initializers.ones_init(), (axis_name,))(
-            None, (features,), param_dtype
-        )
-    )
-    self.bias = nnx.Param(
-        _init(nnx.initializers.zeros_init(), (axis_name,))(
-            None, (features,), param_dtype
-        )
-    ) if use_bias else None
+    self.scale = _vector(1.0, features, axis_name, param_dtype)
+    self.bias = (_vector(0.0, features, axis_name, param_dtype)
+                 if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -188,11 +188,7 @@ class RMSNorm(nnx.Module):
     del rngs  # Deterministic init; the argument keeps constructors uniform.
     self.eps = eps
     self.dtype = dtype
-    self.scale = nnx.Param(
-        _init(nnx.initializers.ones_init(), (axis_name,))(
-            None, (features,), param_dtype
-        )
-    )
+    self.scale = _vector(1.0, features, axis_name, param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
