@@ -26,6 +26,8 @@ setuptools.setup(
         "tokenizers>=0.23.0",
         "pillow>=10.0",
         "scipy>=1.11",
+        # Photographs for the tokenizer's real-image benchmark (data.photos).
+        "scikit-image>=0.26",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
     ],

@@ -57,12 +57,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           num_groups=8,
           codebook_size=512,
           code_dim=4,
-          l1_weight=0.0,
-          l2_weight=1.0,
+          quantizer="l2_normalized",
           entropy_weight=0.001,
           entropy_temperature=0.05,
+          # Patch-local encoder: on flat-colour shapes every background
+          # patch gets one token (see VQConfig.local_encoder).
           local_encoder=True,
       ),
+      loss=dict(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.0),
+      # LPIPS needs a torchvision VGG16 state dict; none ships offline, and
+      # flat shapes need no perceptual loss.
+      perceptual=dict(vgg16_path=""),
+      # The VQGAN adversarial loss, on from halfway, at VQGAN's adaptive
+      # weight (gradients balanced at the decoder's last layer) times 0.1.
+      adversarial=dict(weight=0.1, kind="hinge", start_step=2000,
+                       adaptive=True, max_adaptive_weight=1e4, r1_weight=0.0,
+                       r1_every=1, lecam_weight=0.0, lecam_decay=0.999),
+      discriminator=dict(base_channels=16, channel_mult=(1, 2, 4),
+                         max_channels=64),
+      disc_optimizer=dict(learning_rate=2e-4, warmup_steps=0, b1=0.5,
+                          b2=0.99, weight_decay=0.0, decay="kernels",
+                          grad_clip_norm=0.0, end_lr_fraction=1.0),
+      ema_decay=0.0,
       optimizer=dict(learning_rate=5e-3, warmup_steps=50, b1=0.9, b2=0.99,
                      weight_decay=0.0, decay="kernels", grad_clip_norm=0.0,
                      end_lr_fraction=0.05),
@@ -127,6 +143,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer.model.update(base_channels=8, num_groups=4, codebook_size=32,
                              code_dim=4)
     c.tokenizer.loop.update(num_steps=4, log_every=2, checkpoint_every=2)
+    c.tokenizer.adversarial.start_step = 2
+    c.tokenizer.discriminator.update(base_channels=4, max_channels=8)
     c.tokenizer.batch_size = 8
     c.tokenize.batch_size = 16
     c.transformer.model.update(width=32, depth=2, num_heads=2, mlp_dim=64)

@@ -121,15 +121,17 @@ class Checkpointer:
     """Writes a checkpoint now (asynchronously).
 
     `states` maps every part to its (model, optimizer) nnx.State (or module
-    and nnx.Optimizer).
+    and nnx.Optimizer); an optimizer given as None is not written (an
+    imported model: `restore_model` reads it, training cannot resume it).
     """
     self._check_parts(states, exact=True)
     items = {}
     for part, (model, opt) in states.items():
       items[item_name(part, MODEL)] = ocp.args.StandardSave(
           nnx.to_pure_dict(_state(model)))
-      items[item_name(part, OPTIMIZER)] = ocp.args.StandardSave(
-          nnx.to_pure_dict(_state(opt)))
+      if opt is not None:
+        items[item_name(part, OPTIMIZER)] = ocp.args.StandardSave(
+            nnx.to_pure_dict(_state(opt)))
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     items["meta"] = ocp.args.JsonSave(dict(meta or {}, step=int(step)))

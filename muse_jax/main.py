@@ -78,10 +78,18 @@ def main(argv):
           f"in {log_dir}", flush=True)
   graph = stages.build(_CONFIG.value, workdir, store=_STORE.value)
   graph.run(_STAGES.value)
-  if distributed.is_leader() and "evaluate" in (_STAGES.value or
-                                                stages.NAMES):
-    print(f"wrote {graph.workdir / 'samples.png'} and "
-          f"{graph.workdir / 'metrics.json'}", flush=True)
+  ran = _STAGES.value or graph.order
+  if distributed.is_leader():
+    for name, published in (("evaluate", ("samples.png", "metrics.json")),
+                            ("tokenizer_eval", tokenizer_eval_published())):
+      if name in ran and name in graph.order:
+        print("wrote " + " and ".join(str(graph.workdir / p)
+                                      for p in published), flush=True)
+
+
+def tokenizer_eval_published() -> tuple[str, ...]:
+  from muse_jax.stages import tokenizer_eval  # pylint: disable=g-import-not-at-top
+  return tokenizer_eval.PUBLISHED
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 # The programs: each may define flags and is run, never imported by tests.
-CLIS = ("muse_jax.main", "muse_jax.sample", "benchmarks.bench")
+CLIS = ("muse_jax.main", "muse_jax.sample", "muse_jax.import_tokenizer",
+        "benchmarks.bench", "benchmarks.tokenizer")
 # Run by the peers' own virtual environment (PyTorch), not importable here.
 PEERS = "benchmarks.peers"
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from muse_jax.models import vqgan
+from muse_jax.tasks import vq as vq_task
 
 # f = 2 ** 3 = 8 with the plain (patch 1) stem: 64 px -> 8 x 8 tokens.
 TINY_F8 = vqgan.VQConfig(
@@ -64,7 +65,7 @@ def _forward_all(model, x):
 
 @nnx.jit
 def _loss_and_grads(model, x):
-  return nnx.value_and_grad(vqgan.vq_loss, has_aux=True)(model, x)
+  return nnx.value_and_grad(vq_task.vq_loss, has_aux=True)(model, x)
 
 
 @pytest.fixture(scope='module')
@@ -181,7 +182,7 @@ def test_tiny_model_overfits_two_images():
   @nnx.jit
   def step(model, opt, x):
     (loss, metrics), grads = nnx.value_and_grad(
-        vqgan.vq_loss, has_aux=True)(model, x)
+        vq_task.vq_loss, has_aux=True)(model, x)
     opt.update(model, grads)
     return metrics
 
@@ -202,7 +203,7 @@ def test_decoder_only_finetuning_leaves_encoder_and_codebook():
 
   @nnx.jit
   def step(model, opt, x):
-    grads = nnx.grad(lambda m: vqgan.vq_loss(m, x)[0],
+    grads = nnx.grad(lambda m: vq_task.vq_loss(m, x)[0],
                      argnums=nnx.DiffState(0, opt.wrt))(model)
     opt.update(model, grads)
 
@@ -233,7 +234,7 @@ def test_bad_config_raises_naming_field(field, value):
 
 
 def test_bad_image_shape_raises(f8_model):
-  with pytest.raises(ValueError, match='divisible'):
+  with pytest.raises(ValueError, match='multiple of'):
     f8_model.encode(jnp.zeros((1, 60, 60, 3)))
 
 
@@ -252,3 +253,31 @@ def test_local_encoder_codes_depend_only_on_the_own_patch():
   conv = _build(SMALL)
   z = np.asarray(nnx.jit(lambda m, v: m.encode(v))(conv, jnp.asarray(x)))
   assert not np.allclose(z[0, 1, 2], z[1, 1, 2], atol=1e-4)
+
+
+@pytest.mark.parametrize('name,f,params_m', [
+    ('muse-f16', 16, None), ('muse-f8', 8, None),
+    ('muse-f16-decoder', 16, None), ('amused-f16', 16, None)])
+def test_paper_variants_build_shape_first(name, f, params_m):
+  cfg = vqgan.variant(name)
+  assert cfg.downsample_factor == f
+  assert cfg.codebook_size == 8192
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: vqgan.VQModel(cfg, rngs=nnx.Rngs(0)))
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(
+      nnx.state(model, nnx.Param)))
+  dec = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(
+      nnx.state(model.decoder, nnx.Param)))
+  assert n > 20e6
+  if name.endswith('-decoder'):
+    # The fine-tuned decoder is the larger part (Muse Sec. 2.5).
+    assert dec > 0.6 * n
+  out = jax.eval_shape(lambda m, x: m(x), model,
+                       jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
+  assert out[0].shape == (1, 256, 256, 3)
+  assert out[1]['indices'].shape == (1, 256 // f, 256 // f)
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match='muse-f32'):
+    vqgan.variant('muse-f32')

@@ -17,12 +17,30 @@ from muse_jax.stages import evaluate
 from muse_jax.stages import graph
 from muse_jax.stages import tokenize
 from muse_jax.stages import tokenizer
+from muse_jax.stages import tokenizer_decoder
+from muse_jax.stages import tokenizer_eval
 from muse_jax.stages import transformer
 
 STAGES: tuple[type[graph.Stage], ...] = (
     data.Data, tokenizer.Tokenizer, tokenize.Tokenize,
     transformer.Transformer, evaluate.Evaluate)
 NAMES = tuple(s.name for s in STAGES)
+PIPELINES: dict[str, tuple[type[graph.Stage], ...]] = {
+    "muse": STAGES,
+    "tokenizer": (data.Data, tokenizer.Tokenizer,
+                  tokenizer_decoder.TokenizerDecoder,
+                  tokenizer_eval.TokenizerEval),
+}
+
+
+def pipeline(config: ml_collections.ConfigDict
+             ) -> tuple[type[graph.Stage], ...]:
+  """The stages `config.pipeline` names (default "muse")."""
+  name = config.get("pipeline", "muse")
+  if name not in PIPELINES:
+    raise graph.StageError(f"config.pipeline={name!r} not in "
+                           f"{sorted(PIPELINES)}")
+  return PIPELINES[name]
 
 
 def build(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
@@ -33,6 +51,7 @@ def build(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
   Every stage's config is checked first; the env (mesh, text encoder) is
   built after that unless given.
   """
-  g = graph.Graph([s() for s in STAGES], config, workdir, store=store)
+  g = graph.Graph([s() for s in pipeline(config)], config, workdir,
+                  store=store)
   g.env = env if env is not None else env_lib.Env(config)
   return g

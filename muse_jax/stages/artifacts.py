@@ -30,6 +30,34 @@ def vq_config(config: ml_collections.ConfigDict) -> vqgan.VQConfig:
                                             config.tokenizer.model)
 
 
+def decoder_section(config: ml_collections.ConfigDict
+                    ) -> ml_collections.ConfigDict:
+  """The `tokenizer_decoder` section completed from `tokenizer`: its
+  `model` keys override the trained tokenizer's (the larger decoder), and
+  every other key it leaves out (loss, adversarial, ...) is the
+  tokenizer's."""
+  merged = ml_collections.ConfigDict(config.tokenizer.to_dict())
+  for key, value in config.tokenizer_decoder.items():
+    if key == "model":
+      merged.model.update(value.to_dict())
+    elif isinstance(value, ml_collections.ConfigDict):
+      merged[key] = ml_collections.ConfigDict(value.to_dict())
+    else:
+      merged[key] = value
+  return merged
+
+
+def decoder_vq_config(config: ml_collections.ConfigDict) -> vqgan.VQConfig:
+  """The fine-tuned tokenizer's config (trained encoder, larger decoder)."""
+  return config_types.dataclass_from_config(
+      vqgan.VQConfig, decoder_section(config).model)
+
+
+def vq_part(section: ml_collections.ConfigDict) -> str:
+  """The checkpoint part to load: the weights' EMA when one was kept."""
+  return vq_task.EMA if section.get("ema_decay", 0.0) else vq_task.PART
+
+
 def grid_size(config: ml_collections.ConfigDict) -> int:
   """Image tokens per side: data.image_size / the tokenizer's factor."""
   f = vq_config(config).downsample_factor
@@ -62,10 +90,14 @@ def load(make: Callable[[], nnx.Module], directory: epath.PathLike,
                                      model, part)
 
 
-def load_vq(config, tokenizer_dir: epath.PathLike, env) -> vqgan.VQModel:
-  cfg = vq_config(config)
+def load_vq(config, tokenizer_dir: epath.PathLike, env,
+            cfg: vqgan.VQConfig | None = None, part: str | None = None
+            ) -> vqgan.VQModel:
+  """A trained tokenizer (`cfg` defaults to `tokenizer.model`; `part` to
+  its EMA when the tokenizer kept one)."""
+  cfg = cfg or vq_config(config)
   return load(lambda: vqgan.VQModel(cfg, rngs=nnx.Rngs(0)), tokenizer_dir,
-              vq_task.PART, env)
+              part or vq_part(config.tokenizer), env)
 
 
 def load_transformer(config, transformer_dir: epath.PathLike, env

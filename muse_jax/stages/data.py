@@ -1,8 +1,16 @@
-"""Stage `data`: the procedural shapes dataset (TFDS builder, array_record).
+"""Stage `data`: the experiment's images.
 
-Process 0 builds it (once, into this stage's directory or
-`config.data.data_dir`); the others wait, then open it. Opening never
-writes, so processes do not race on TFDS's files.
+`config.data.name` picks the source:
+
+* ``"shapes"`` (the default): the procedural shapes dataset (TFDS builder,
+  array_record). Process 0 builds it (once, into this stage's directory or
+  `config.data.data_dir`); the others wait, then open it. Opening never
+  writes, so processes do not race on TFDS's files.
+* ``"photos"``: random crops of the photographs bundled with scikit-image
+  (`data.photos`; whole photographs held out), for tokenizer training on
+  real images. Nothing to build: the stage records the split's photos.
+
+`image_iterator` and `heldout_images` serve the tokenizer stages either way.
 """
 
 from __future__ import annotations
@@ -12,9 +20,18 @@ from typing import Any
 from etils import epath
 import ml_collections
 
+import numpy as np
+
 from muse_jax import distributed
+from muse_jax.data import pipeline
 from muse_jax.data import shapes
 from muse_jax.stages import graph
+
+SOURCES = ("shapes", "photos")
+
+
+def source_name(config: ml_collections.ConfigDict) -> str:
+  return config.data.get("name", "shapes")
 
 
 def data_dir(config: ml_collections.ConfigDict, stage_dir: epath.Path
@@ -40,12 +57,65 @@ def split_source(config, stage_dir: epath.Path, split: str):
   return shapes_tfds.shapes_source(open_builder(config, stage_dir), split)
 
 
+def image_iterator(config, stage_dir: epath.Path, split: str, *,
+                   batch_size: int, seed: int):
+  """A checkpointable grain iterator of {"images": float [-1, 1]} batches."""
+  from muse_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  if source_name(config) == "photos":
+    from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
+    d = config.data
+    return photos.make_iterator(
+        d.num_train, batch_size=batch_size, size=d.image_size, seed=d.seed,
+        transform=lambda r: {"images": vqgan.to_unit_range(
+            r[photos.IMAGE_KEY])})
+  key = shapes.image_key(config.data.image_size)
+  return pipeline.make_iterator(
+      split_source(config, stage_dir, split), batch_size=batch_size,
+      seed=seed, transform=lambda r: {"images": vqgan.to_unit_range(r[key])})
+
+
+def heldout_images(config, stage_dir: epath.Path, n: int) -> np.ndarray:
+  """Up to `n` fixed held-out images, uint8 [n, S, S, 3]: the validation
+  split (shapes) or crops of the held-out photographs (photos)."""
+  if source_name(config) == "photos":
+    from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
+    d = config.data
+    # Prefix-stable: the first n of the split's crops.
+    return photos.heldout_crops(min(n, d.get("num_heldout", n)),
+                                size=d.image_size, seed=d.seed)
+  source = split_source(config, stage_dir, "validation")
+  key = shapes.image_key(config.data.image_size)
+  return np.stack([source[i][key] for i in range(min(n, len(source)))])
+
+
+def training_images(config, stage_dir: epath.Path, n: int) -> np.ndarray:
+  """The first `n` training images, uint8 [n, S, S, 3] (for photos: the
+  crops the tokenizer's iterator serves, before shuffling)."""
+  if source_name(config) == "photos":
+    from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
+    d = config.data
+    return photos.training_crops(d.num_train, size=d.image_size,
+                                 seed=d.seed)[:n]
+  source = split_source(config, stage_dir, "train")
+  key = shapes.image_key(config.data.image_size)
+  return np.stack([source[i][key] for i in range(min(n, len(source)))])
+
+
 class Data(graph.Stage):
   name = "data"
   config_keys = ("data",)
 
   def check(self, config) -> None:
     d = config.data
+    if source_name(config) not in SOURCES:
+      raise ValueError(f"data.name={source_name(config)!r} not in {SOURCES}")
+    if source_name(config) == "photos":
+      if d.image_size % 8 or d.image_size < 8:
+        raise ValueError(f"data.image_size={d.image_size}: photo crops must "
+                         "be a positive multiple of 8")
+      if d.num_train < 1:
+        raise ValueError(f"data.num_train must be >= 1, got {d.num_train}")
+      return
     if d.image_size not in shapes.SUPPORTED_SIZES:
       raise ValueError(f"data.image_size={d.image_size} not in "
                        f"{shapes.SUPPORTED_SIZES}")
@@ -54,6 +124,9 @@ class Data(graph.Stage):
         raise ValueError(f"data.{key} must be >= 0, got {d[key]}")
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
+    if source_name(run.config) == "photos":
+      from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
+      return {"photos": {s: photos.list_photos(s) for s in photos.SPLITS}}
     if distributed.is_leader():
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       tfds.disable_progress_bar()  # The console shows the stage's lines.

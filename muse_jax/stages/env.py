@@ -20,10 +20,15 @@ class Env:
   def __init__(self, config: ml_collections.ConfigDict):
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.validate_rules(config.sharding_rules, self.mesh)
-    self.text_encoder_config = text_encoders.config_from(config.text_encoder)
+    # Tokenizer-only pipelines have no text encoder.
+    self.text_encoder_config = (
+        text_encoders.config_from(config.text_encoder)
+        if "text_encoder" in config else None)
     self._text_encoder: Any = None
 
   def text_encoder(self) -> text_encoders.TextEncoder:
+    if self.text_encoder_config is None:
+      raise ValueError("this config has no text_encoder section")
     if self._text_encoder is None:
       self._text_encoder = text_encoders.make(
           self.text_encoder_config, self.mesh, self.rules)

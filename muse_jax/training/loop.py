@@ -127,7 +127,8 @@ def split_frozen(frozen: dict[str, nnx.Module]
 
 def make_step(task: task_lib.Task, state: State,
               frozen_graphdefs: dict[str, nnx.GraphDef], seed: int):
-  """The jitted pure step `(states, frozen, batch, step) -> (states, metrics)`.
+  """The jitted pure step `(states, frozen, batch, step, phase) -> (states,
+  metrics)`; `phase` (`Task.phase`) is static: one program per phase.
 
   `states` is donated; `frozen` (the frozen modules' states) is an argument
   like the batch, so a frozen network never becomes a program constant.
@@ -137,7 +138,7 @@ def make_step(task: task_lib.Task, state: State,
   sharding_leaves = {n: jax.tree.leaves(s) for n, s in state.shardings.items()}
   single = len(parts) == 1
 
-  def step_fn(states, frozen_states, batch, step):
+  def step_fn(states, frozen_states, batch, step, phase=0):
     rng = jax.random.fold_in(base_rng, step)
     trainables, before = {}, {}
     for name, st in states.items():
@@ -146,7 +147,7 @@ def make_step(task: task_lib.Task, state: State,
       before[name] = jax.tree.leaves(nnx.state(model, parts[name].wrt))
     frozen = {n: nnx.merge(frozen_graphdefs[n], s)
               for n, s in frozen_states.items()}
-    metrics = dict(task.step(trainables, frozen, batch, rng))
+    metrics = dict(task.step_for_phase(phase)(trainables, frozen, batch, rng))
     new_states = {}
     for name, t in trainables.items():
       prefix = "" if single else f"{name}/"
@@ -163,7 +164,8 @@ def make_step(task: task_lib.Task, state: State,
       new_states[name] = jax.tree.unflatten(treedef, leaves)
     return new_states, metrics
 
-  return jax.jit(step_fn, donate_argnums=(0,))
+  return jax.jit(step_fn, donate_argnums=(0,),
+                 static_argnames=("phase",))
 
 
 class _Progress:
@@ -277,7 +279,8 @@ def train(
         batch = sharding.global_batch(next(data), mesh, rules)
         t0 = time.perf_counter()
         new_states, metrics = step_fn(state.states, frozen_states, batch,
-                                      jnp.asarray(step, jnp.int32))
+                                      jnp.asarray(step, jnp.int32),
+                                      phase=task.phase(step))
         state.states = new_states
         step += 1
         if first:

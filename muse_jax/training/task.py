@@ -75,6 +75,20 @@ class Task(abc.ABC):
     """Modules the step reads but never trains (placed by the caller)."""
     return {}
 
+  def phase(self, step: int) -> int:
+    """Which compiled step runs at `step` (a static int; the loop compiles
+    one program per phase it meets). One phase by default; a task whose
+    step changes shape at some point (an adversarial loss that starts at
+    step N) returns a new phase from there instead of branching at run
+    time, which XLA:CPU runs far slower."""
+    del step
+    return 0
+
+  def step_for_phase(self, phase: int) -> Callable[..., Metrics]:
+    """The step function of `phase` (default: `step`)."""
+    del phase
+    return self.step
+
   @abc.abstractmethod
   def step(self, parts: dict[str, Trainable],
            frozen: dict[str, nnx.Module], batch: Batch,
