@@ -231,3 +231,25 @@ def test_decoder_finetuning_rejects_a_changed_encoder():
           init_from=trained)
   with pytest.raises(ValueError, match='init_from'):
     _task(train='decoder')
+
+
+def test_a_deeper_decoder_starts_as_the_trained_one():
+  x = _images(4, seed=7)
+  base = dataclasses.replace(CFG, decoder_num_res_blocks=1)
+  with nnx.use_eager_sharding(False):
+    trained = vqgan.VQModel(base,
+                            rngs=nnx.Rngs(jax.random.key(1, impl='rbg')))
+  deeper = dataclasses.replace(CFG, decoder_num_res_blocks=(2, 3))
+  task = _task(model=deeper, adversarial_cfg=None, train='decoder',
+               init_from=trained)
+  with nnx.use_eager_sharding(False):
+    grown = task.make_model()
+  run = nnx.jit(lambda m, v: m(v)[0])
+  assert len(grown.decoder.blocks) > len(trained.decoder.blocks)
+  np.testing.assert_allclose(np.asarray(run(grown, x)),
+                             np.asarray(run(trained, x)), atol=1e-6)
+  wider = dataclasses.replace(base, decoder_base_channels=16)
+  with nnx.use_eager_sharding(False):
+    fresh = _task(model=wider, adversarial_cfg=None, train='decoder',
+                  init_from=trained).make_model()
+  assert not vq_task.grow_decoder(fresh, trained)

@@ -18,10 +18,11 @@ the perceptual network, when the perceptual weight is > 0.
 
 Decoder fine-tuning (Muse Sec. 2.5) is the same task with ``init_from`` (a
 trained tokenizer) and ``train="decoder"``: the tokenizer part starts from
-the trained encoder and codebook, with the (possibly larger) decoder of the
-new config freshly initialised, and only ``decoder`` parameters are in its
+the trained encoder and codebook, and only ``decoder`` parameters are in its
 optimizer, so the encoder and codebook stay bit-for-bit as they were and
-the tokens do not change.
+the tokens do not change. A deeper decoder of the same widths starts from
+the trained one (`grow_decoder`: extra residual blocks start as the
+identity); a wider one starts fresh.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class VQTask(task_lib.Task):
     if self.init_from is not None:
       nnx.update(model.encoder, nnx.state(self.init_from.encoder))
       nnx.update(model.quantizer, nnx.state(self.init_from.quantizer))
+      grow_decoder(model, self.init_from)
     return model
 
   def make_critic(self) -> Critic:
@@ -329,6 +331,49 @@ class VQTask(task_lib.Task):
           nnx.state(target, nnx.Param), nnx.state(gen.model, nnx.Param))
       nnx.update(target, new)
     return metrics
+
+
+def _decoder_slots(cfg: vqgan.VQConfig) -> list[tuple]:
+  """A name for each of the decoder's blocks, in order: ("mid", i),
+  ("res", level, i) or ("up", level)."""
+  slots = [("mid", i) for i in range(cfg.mid_blocks(cfg.dec_res_blocks))]
+  for level in reversed(range(len(cfg.dec_channel_mult))):
+    slots += [("res", level, i) for i in range(cfg.dec_res_blocks[level])]
+    if level > 0:
+      slots.append(("up", level))
+  return slots
+
+
+def grow_decoder(model: vqgan.VQModel, trained: vqgan.VQModel) -> bool:
+  """Starts a deeper decoder from a trained one of the same widths.
+
+  Every block the trained decoder has is copied to the same place; the
+  extra residual blocks keep their initialisation, whose zero last
+  convolution makes each the identity, so the grown decoder starts out
+  computing exactly the trained one's function and fine-tuning begins from
+  its quality. Returns False (and leaves the fresh decoder) when the widths
+  differ, or the trained decoder lacks a block at some level.
+  """
+  old, new = trained.config, model.config
+  # Channel changes happen in each level's first block: the trained decoder
+  # must have one at every level for the copy to be the same network.
+  if (min(old.dec_res_blocks) < 1 or
+      any(n < o for n, o in zip(new.dec_res_blocks, old.dec_res_blocks)) or
+      new.mid_blocks(new.dec_res_blocks) < old.mid_blocks(old.dec_res_blocks)
+      or old.dec_base_channels != new.dec_base_channels or
+      old.dec_channel_mult != new.dec_channel_mult or
+      old.patch_size != new.patch_size or old.quant_conv != new.quant_conv):
+    return False
+  old_slots = {s: i for i, s in enumerate(_decoder_slots(old))}
+  for j, slot in enumerate(_decoder_slots(new)):
+    if slot in old_slots:
+      nnx.update(model.decoder.blocks[j],
+                 nnx.state(trained.decoder.blocks[old_slots[slot]]))
+  for name in ("conv_in", "norm_out", "conv_out", "post_quant_conv"):
+    if getattr(trained.decoder, name) is not None:
+      nnx.update(getattr(model.decoder, name),
+                 nnx.state(getattr(trained.decoder, name)))
+  return True
 
 
 def _check_compatible(trained: vqgan.VQConfig, new: vqgan.VQConfig) -> None:
