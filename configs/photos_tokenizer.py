@@ -16,8 +16,11 @@ COMMAND:
    and --config.tokenizer.loss.perceptual_weight=0.1 for LPIPS)
 Smoke-size variant (tests): --config=configs/photos_tokenizer.py:tiny
 
-EXPECTED: see README "Tokenizer on real photographs" (measured figures and
-machine).
+EXPECTED (2-core AMD EPYC, Zen 4 class, AVX-512; 2026-12-04; README
+"Tokenizers"): tokenizer stage 33.2 min (3.3 steps/s, ~1.7 once the
+discriminator starts), decoder fine-tuning 16.4 min; on 1024 held-out crops
+tokenizer 26.25 dB PSNR, 99.1% codebook usage, perplexity 564; fine-tuned
+decoder 26.34 dB; k-means of the same size 24.46 dB, 77.5%.
 """
 
 import ml_collections
