@@ -11,8 +11,9 @@ PEERS_VENV ?= .venv-peers
 PEERS_PY := $(PEERS_VENV)/bin/python
 BENCH_OUT ?= benchmarks/results/cpu.jsonl
 BENCH_TOKENIZER_OUT ?= benchmarks/results/tokenizer_cpu.jsonl
+BENCH_TEXT_OUT ?= benchmarks/results/text_encoder_cpu.jsonl
 
-.PHONY: demo test install install-dev bench bench-tokenizer clean
+.PHONY: demo test install install-dev bench bench-tokenizer bench-text-encoder clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +61,9 @@ bench-tokenizer: install $(PEERS_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) workdir
+
+## Embedding-cache throughput, our T5 (t5_v1_1_base shape, random weights)
+## vs transformers' T5EncoderModel on this CPU, one run; JSON lines.
+bench-text-encoder: install $(PEERS_VENV)/.installed
+	$(PY) -m benchmarks.text_encoder --peers_python=$(PEERS_PY) \
+	    --out=$(BENCH_TEXT_OUT)

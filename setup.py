@@ -24,6 +24,10 @@ setuptools.setup(
         "numpy>=2.0",
         "safetensors>=0.8.0",
         "tokenizers>=0.23.0",
+        # T5's tokenizer (text_encoders.t5_tokenizer).
+        "sentencepiece>=0.2.0",
+        # T5X checkpoints (zarr arrays); orbax-checkpoint already needs it.
+        "tensorstore>=0.1.60",
         "pillow>=10.0",
         "scipy>=1.11",
         # Photographs for the tokenizer's real-image benchmark (data.photos).

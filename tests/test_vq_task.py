@@ -148,6 +148,39 @@ def test_adaptive_weight_balances_the_last_layer_gradients():
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
 
 
+def test_generator_gradient_equals_differentiating_through_the_critic():
+  """The GAN term enters the loss via the critic's input gradient (one
+  critic pass serves the update and the adaptive weight); its parameter
+  gradient must equal the plain loss differentiated through the critic."""
+  task = _task(adversarial_cfg=adversarial.AdversarialConfig(
+      weight=0.5, adaptive=True, start_step=0))
+  r = Runner(task)
+  x = _images()
+  model, critic = r.model(), r.model(vq_task.DISC)
+  step = jnp.asarray(3, jnp.int32)
+
+  def ours(m):
+    return task.generator_loss(m, critic, None, x, step)
+
+  def plain(m, scale):
+    z_q, _, aux = m.quantize(m.encode(x))
+    recon = vqgan.straight_through_clip(
+        m.decoder(z_q).astype(jnp.float32))
+    gan = adversarial.generator_loss(critic.net(recon), 'hinge')
+    return (jnp.mean(jnp.square(recon - x)) + m.quantizer.loss(aux)
+            + 0.5 * scale * gan)
+
+  with nnx.use_eager_sharding(False):
+    (loss, metrics), g_ours = nnx.value_and_grad(ours, has_aux=True)(model)
+    scale = metrics['adaptive_weight']
+    want_loss, g_plain = nnx.value_and_grad(plain)(model, scale)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(nnx.state(g_ours, nnx.Param)),
+                  jax.tree.leaves(nnx.state(g_plain, nnx.Param))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6)
+
+
 def test_dead_code_restarts_raise_codebook_usage():
   x = _images(8, seed=3)
 

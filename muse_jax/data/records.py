@@ -96,7 +96,10 @@ def write(directory: epath.PathLike, name: str,
     flush()
   manifest = {"name": name, "num_records": count, "shards": shards,
               "records_per_shard": records_per_shard, **dict(info or {})}
-  (directory / f"{name}.json").write_text(json.dumps(manifest, indent=2))
+  # Renamed into place: a manifest is either whole or absent.
+  tmp = directory / f"{name}.json.tmp"
+  tmp.write_text(json.dumps(manifest, indent=2))
+  tmp.replace(directory / f"{name}.json")
   return manifest
 
 

@@ -57,6 +57,16 @@ def split_source(config, stage_dir: epath.Path, split: str):
   return shapes_tfds.shapes_source(open_builder(config, stage_dir), split)
 
 
+def split_captions(config, stage_dir: epath.Path, split: str) -> list[str]:
+  """Every caption of one shapes split, in example order."""
+  source = split_source(config, stage_dir, split)
+  out = []
+  for i in range(len(source)):
+    c = source[i]["caption"]
+    out.append(c.decode() if isinstance(c, bytes) else str(c))
+  return out
+
+
 def image_iterator(config, stage_dir: epath.Path, split: str, *,
                    batch_size: int, seed: int):
   """A checkpointable grain iterator of {"images": float [-1, 1]} batches."""

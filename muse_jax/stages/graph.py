@@ -4,7 +4,8 @@ A stage is a small unit (`Stage`) that declares its `name`, the stages it
 `reads` and the config sections it depends on (`config_keys`). Its
 *fingerprint* hashes those sections' values, its `version` and the
 fingerprints of the stages it reads, so it changes exactly when something
-the stage's output depends on changes.
+the stage's output depends on changes (keys that only say where a cached
+input comes from are left out: `Stage.fingerprint_ignores`).
 
 Outputs are stored by fingerprint: stage `s` writes into
 `<store>/<s>-<fingerprint>/` and marks it finished with a `done.json`
@@ -81,6 +82,10 @@ class Stage(abc.ABC):
   # Bump when the stage's code changes what it writes: old outputs are then
   # not reused.
   version: ClassVar[int] = 1
+  # Dotted keys inside `config_keys` that say where an input is read from,
+  # not what it is (a cache of values the stage could compute itself): left
+  # out of the fingerprint, so setting them reuses finished outputs.
+  fingerprint_ignores: ClassVar[tuple[str, ...]] = ()
 
   @abc.abstractmethod
   def run(self, run: StageRun) -> dict[str, Any]:
@@ -178,10 +183,11 @@ class Graph:
     """12 hex digits of what stage `name`'s output depends on."""
     if name not in self._fingerprints:
       stage = self.stages[name]
+      config = {k: config_value(self.config, k) for k in stage.config_keys}
+      for key in stage.fingerprint_ignores:
+        _drop(config, key)
       spec = {
-          "stage": name, "version": stage.version,
-          "config": {k: config_value(self.config, k)
-                     for k in stage.config_keys},
+          "stage": name, "version": stage.version, "config": config,
           "reads": {r: self.fingerprint(r) for r in stage.reads},
       }
       digest = hashlib.sha256(
@@ -265,6 +271,16 @@ class Graph:
       infos[name] = info
       _say(f"== stage {name} done in {info['wall_s']:.1f}s")
     return infos
+
+
+def _drop(config: dict[str, Any], key: str) -> None:
+  """Removes dotted `key` from a nested dict of config values, if there."""
+  *parents, leaf = key.split(".")
+  node: Any = config
+  for part in parents:
+    node = node.get(part) if isinstance(node, dict) else None
+  if isinstance(node, dict):
+    node.pop(leaf, None)
 
 
 def _absolute(path: epath.PathLike) -> epath.Path:

@@ -2,7 +2,11 @@
 
 Every split is read in chunks: the chunk's images are VQ-encoded by the
 trained tokenizer and its distinct captions embedded once by the frozen
-text encoder, each batch sharded over the mesh's data axis. One record per
+text encoder, each batch sharded over the mesh's data axis. With
+`text_encoder.cache_dir` set, the embeddings come from that pre-computed
+cache instead (`text_encoders.cache`, built by `muse_jax.embed_captions`):
+the encoder's weights are never loaded, a cache of another encoder or one
+lacking a caption is an error, and the records are the same. One record per
 example (`data.records`): `tokens` int32 [N], `caption`, `text_emb` bfloat16
 [caption tokens, dim] (padding dropped; readers pad to `max_len`),
 `scene_type` and `index`. Process 0 writes the shards, so a run on several
@@ -28,6 +32,7 @@ from muse_jax.models import vqgan
 from muse_jax.stages import artifacts
 from muse_jax.stages import data as data_stage
 from muse_jax.stages import graph
+from muse_jax.text_encoders import cache
 
 CHUNK = 4096  # Examples per shard (and per distinct-caption pass).
 
@@ -40,22 +45,31 @@ class Tokenize(graph.Stage):
   name = "tokenize"
   reads = ("data", "tokenizer")
   config_keys = ("text_encoder", "tokenize")
+  # The cache holds what the encoder would compute: same records.
+  fingerprint_ignores = ("text_encoder.cache_dir",)
 
   def check(self, config) -> None:
-    text_encoders.config_from(config.text_encoder)
+    cfg = text_encoders.config_from(config.text_encoder)
     if config.tokenize.batch_size < 1:
       raise ValueError("tokenize.batch_size must be >= 1")
+    if cfg.cache_dir:  # Missing, unfinished or another encoder's: fail now.
+      cache.open_for(cfg)
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env = run.config, run.env
     vq = artifacts.load_vq(config, run.inputs["tokenizer"], env)
-    encoder = env.text_encoder()
+    cfg = text_encoders.config_from(config.text_encoder)
+    # Either embeds captions: `encode(texts) -> EncodedText`, `dim`, `max_len`.
+    encoder = cache.open_for(cfg) if cfg.cache_dir else env.text_encoder()
+    verb = "read from the cache" if cfg.cache_dir else "embedded"
     encode = jax.jit(lambda m, x: m.encode_to_indices(x))
     bs = max(1, config.tokenize.batch_size // env.data_shards) * (
         env.data_shards)
     key = shapes.image_key(config.data.image_size)
     info: dict[str, Any] = {"text_dim": encoder.dim,
                             "max_len": encoder.max_len}
+    if cfg.cache_dir:
+      info["text_cache"] = cfg.cache_dir
 
     def image_tokens(images: np.ndarray) -> np.ndarray:
       rows = images.shape[0]
@@ -112,7 +126,7 @@ class Tokenize(graph.Stage):
               f"{stats['distinct_captions']} distinct captions truncated to "
               f"{encoder.max_len} tokens", flush=True)
       print(f"[tokenize] {split}: {stats['examples']} images, "
-            f"{stats['distinct_captions']} distinct captions embedded in "
+            f"{stats['distinct_captions']} distinct captions {verb} in "
             f"{stats['text_encode_s']:.1f}s", flush=True)
     return info
 

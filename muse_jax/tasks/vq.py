@@ -232,22 +232,32 @@ class VQTask(task_lib.Task):
       adv = self.adv
       on = adversarial.adversarial_weight_schedule(step, adv.start_step,
                                                    adv.weight)
-      g_loss = adversarial.generator_loss(critic.net(recon), adv.kind)
+      # One critic forward and input-gradient per step serves both the
+      # generator's update and the adaptive weight: the GAN term enters the
+      # loss as <dL_gan/drecon, recon> (same value and parameter gradient
+      # as differentiating through the critic again).
+      g_loss, d_gan = jax.value_and_grad(
+          lambda r: adversarial.generator_loss(critic.net(r), adv.kind))(
+              jax.lax.stop_gradient(recon))
+      g_term = g_loss + jnp.sum(
+          d_gan * (recon - jax.lax.stop_gradient(recon)))
       if adv.adaptive:
         # VQGAN: balance the two gradients at the decoder's last layer.
         graphdef, head_state = nnx.split(conv_out)
-
-        def head_grads(fn):
-          return jax.grad(lambda s: fn(render(nnx.merge(graphdef, s))))(
-              head_state)
-
-        nll = head_grads(lambda r: sum(image_terms(r).values()))
-        gan = head_grads(lambda r: adversarial.generator_loss(
-            critic.net(r), adv.kind))
+        fixed = jax.lax.stop_gradient(feats)
+        _, head_vjp = jax.vjp(
+            lambda s: vqgan.straight_through_clip(
+                model.decoder.head(fixed, nnx.merge(graphdef, s))
+                .astype(jnp.float32)),
+            jax.lax.stop_gradient(head_state))
+        d_nll = jax.grad(lambda r: sum(image_terms(r).values()))(
+            jax.lax.stop_gradient(recon))
+        nll, = head_vjp(d_nll)
+        gan, = head_vjp(d_gan)
         scale = adversarial.adaptive_weight(nll, gan, adv.max_adaptive_weight)
         metrics["adaptive_weight"] = scale
         on = on * scale
-      terms["adversarial"] = on * g_loss
+      terms["adversarial"] = on * g_term
       metrics["generator_gan_loss"] = g_loss
     total = sum(terms.values())
     metrics.update(_scalars(terms, recon, images, aux, total))

@@ -9,7 +9,8 @@ rest is written once here:
   with a count of the captions that were cut (`EncodedText.num_truncated`);
 * padding to one fixed length, so every batch has one compiled shape;
 * batching in fixed-size batches (the last one padded), sharded over the
-  mesh's data axis when a mesh is given (every device encodes a slice);
+  mesh's data axis when a mesh is given (every device encodes a slice),
+  with the weights placed by their logical axis names (`param_shardings`);
 * zeroing the embeddings at padded positions, so stored embeddings do not
   depend on the padding.
 """
@@ -22,6 +23,8 @@ import dataclasses
 import math
 from typing import Any
 
+from flax import nnx
+from flax.core import spmd as flax_spmd
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -130,14 +133,20 @@ class TextEncoder(abc.ABC):
     if not hasattr(self, "_jitted"):
       self._jitted = jax.jit(self._masked_forward)
       if self.mesh is not None:
-        self.params = jax.device_put(self.params,
-                                     sharding.replicated(self.mesh))
+        self.params = jax.device_put(self.params, self.param_shardings())
     if self.mesh is None:
       return np.asarray(self._jitted(self.params, ids, mask))
     dev_ids, dev_mask = (sharding.shard_host_batch(x, self.mesh, self.rules)
                          for x in (ids, mask))
     with jax.set_mesh(self.mesh):
       return sharding.to_host(self._jitted(self.params, dev_ids, dev_mask))
+
+  def param_shardings(self) -> Any:
+    """Where each weight lives on the mesh: by its logical axis names
+    through the rules table (so T5-XXL's 4.7B weights shard over the fsdp
+    and tensor axes), replicated along axes the rules leave unused."""
+    with jax.set_mesh(self.mesh), flax_spmd.logical_axis_rules(self.rules):
+      return nnx.get_named_sharding(self.params, self.mesh)
 
   def _masked_forward(self, params, ids: jax.Array, mask: jax.Array
                       ) -> jax.Array:
