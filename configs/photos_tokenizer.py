@@ -16,11 +16,12 @@ COMMAND:
    and --config.tokenizer.loss.perceptual_weight=0.1 for LPIPS)
 Smoke-size variant (tests): --config=configs/photos_tokenizer.py:tiny
 
-EXPECTED (2-core AMD EPYC, Zen 4 class, AVX-512; 2026-12-04; README
-"Tokenizers"): tokenizer stage 33.2 min (3.3 steps/s, ~1.7 once the
-discriminator starts), decoder fine-tuning 16.4 min; on 1024 held-out crops
-tokenizer 26.25 dB PSNR, 99.1% codebook usage, perplexity 564; fine-tuned
-decoder 26.34 dB; k-means of the same size 24.46 dB, 77.5%.
+EXPECTED (2-core AMD EPYC, Zen 4 class, AVX-512; 2026-12-04, machine
+otherwise idle; README "Tokenizers"): tokenizer stage 25.8 min (3.46
+steps/s, ~2.7 once the discriminator starts at step 4000), decoder
+fine-tuning ~10 min; on 1024 held-out crops tokenizer 26.27 dB PSNR, 99.2%
+codebook usage, perplexity 564; fine-tuned decoder 26.34 dB; k-means of the
+same size 24.46 dB, 77.5%.
 """
 
 import ml_collections
