@@ -120,6 +120,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       loop=dict(num_steps=9000, log_every=200, checkpoint_every=1000,
                 keep_checkpoints=2, eval_every=0),
       batch_size=16,
+      # "stored": the embeddings the tokenize stage wrote (Muse's way; the
+      # encoder never occupies training memory); "on_the_fly": the frozen
+      # text encoder embeds each batch's captions inside the training step.
+      text_embeddings="stored",
   ))
 
   # Parallel decoding: 16 steps for the 64 tokens, 4 fixed per step on

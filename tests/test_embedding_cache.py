@@ -497,3 +497,113 @@ def test_transformer_trains_on_cached_embeddings_of_a_random_t5(
   assert summary, "the transformer stage returned no summary"
   assert all(np.isfinite(v) for v in jax.tree.leaves(summary)
              if isinstance(v, float))
+
+
+# ---------------------------------------------------------------------------
+# The transformer trainer embedding captions on the fly.
+# ---------------------------------------------------------------------------
+
+
+def test_on_the_fly_step_equals_the_stored_embeddings_step():
+  """The frozen encoder inside the step gives the step of the embeddings it
+  would have stored (float32): same loss, metrics and updates, and the
+  encoder's weights are an argument, never trained or saved."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flax.core import spmd as flax_spmd  # pylint: disable=g-import-not-at-top
+  from muse_jax.models import transformer as transformer_lib  # pylint: disable=g-import-not-at-top
+  from muse_jax.tasks import masked_transformer  # pylint: disable=g-import-not-at-top
+  from muse_jax.training import loop as loop_lib  # pylint: disable=g-import-not-at-top
+  from muse_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  rules = sharding.validate_rules(sharding.DEFAULT_RULES, mesh)
+  encoder = text_encoders.make(text_encoders.TextEncoderConfig(
+      name="t5", path=T5_TINY, max_len=12, batch_size=8), mesh, rules)
+  captions = [f"{c} circle left of a {s}" for c in ("red", "blue")
+              for s in ("square", "small green triangle", "star", "x")]
+  ids, mask, _ = encoder.tokenize(captions)
+  stored = encoder.encode(captions).embeddings
+  model = transformer_lib.TransformerConfig(
+      codebook_size=32, grid_size=4, text_dim=encoder.dim, width=32,
+      depth=1, num_heads=2, mlp_dim=64)
+  kw = dict(num_steps=4, seed=0)
+  objective = masked_transformer.ObjectiveConfig(text_dropout=0.25)
+  tokens = np.random.default_rng(0).integers(0, 32, (8, 16)).astype(np.int32)
+  tasks_batches = {
+      "stored": (masked_transformer.MaskedTransformerTask(
+          model, optimizer_lib.OptimizerConfig(), objective, **kw),
+                 {"tokens": tokens, "text_emb": stored, "text_mask": mask}),
+      "on_the_fly": (masked_transformer.MaskedTransformerTask(
+          model, optimizer_lib.OptimizerConfig(), objective, **kw,
+          text_encoder=encoder.frozen_module()),
+                     {"tokens": tokens, "text_ids": ids, "text_mask": mask}),
+  }
+  metrics, params = {}, {}
+  for name, (task, host_batch) in tasks_batches.items():
+    graphdefs, frozen = loop_lib.split_frozen(task.frozen())
+    before = jax.tree.map(np.asarray, frozen)
+    state = loop_lib.create_state(task, mesh, rules)
+    assert tuple(state.states) == ("transformer",)  # Nothing else is saved.
+    step = loop_lib.make_step(task, state, graphdefs, seed=0)
+    batch = sharding.global_batch(host_batch, mesh, rules)
+    with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
+      states, m = step(state.states, frozen, batch,
+                       jnp.asarray(0, jnp.int32))
+      states, m2 = step(states, frozen, batch, jnp.asarray(1, jnp.int32))
+    metrics[name] = jax.device_get((m, m2))
+    params[name] = jax.tree.leaves(jax.device_get(
+        nnx.state(nnx.merge(state.graphdefs["transformer"],
+                            states["transformer"])[0], nnx.Param)))
+    # The encoder's weights are read, never updated.
+    jax.tree.map(np.testing.assert_array_equal, before,
+                 jax.tree.map(np.asarray, frozen))
+  assert set(tasks_batches["on_the_fly"][0].frozen()) == {"text_encoder"}
+  for a, b in zip(metrics["stored"], metrics["on_the_fly"]):
+    assert set(a) == set(b)
+    for key in a:
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=2e-6,
+                                 err_msg=key)
+  for a, b in zip(params["stored"], params["on_the_fly"]):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_on_the_fly_needs_a_matching_encoder():
+  from muse_jax.models import transformer as transformer_lib  # pylint: disable=g-import-not-at-top
+  from muse_jax.tasks import masked_transformer  # pylint: disable=g-import-not-at-top
+  from muse_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  encoder = text_encoders.make(text_encoders.TextEncoderConfig(
+      name="t5", path=T5_TINY, max_len=8, batch_size=2))
+  model = transformer_lib.TransformerConfig(
+      codebook_size=32, grid_size=4, text_dim=encoder.dim + 1, width=32,
+      depth=1, num_heads=2, mlp_dim=64)
+  with pytest.raises(ValueError, match="text encoder's width 32"):
+    masked_transformer.MaskedTransformerTask(
+        model, optimizer_lib.OptimizerConfig(),
+        masked_transformer.ObjectiveConfig(), num_steps=1,
+        text_encoder=encoder.frozen_module())
+  config = _demo_config()
+  config.transformer.text_embeddings = "sometimes"
+  with pytest.raises(ValueError, match="transformer.text_embeddings"):
+    stages.build(config, "/tmp/unused", env=object())
+
+
+@requires_model
+def test_transformer_trains_with_a_random_t5_on_the_fly(demo, tmp_path):
+  """The same switch the other way: `transformer.text_embeddings=on_the_fly`
+  runs the random small T5 inside every step (no cache, no code change)."""
+  workdir, _, _ = demo
+  config = _demo_config()
+  config.text_encoder.update(name="t5", path=T5_TINY)
+  config.transformer.text_embeddings = "on_the_fly"
+  g = stages.build(config, workdir)
+  infos = g.run(["tokenize", "transformer"])
+  assert g.env._text_encoder is not None  # pylint: disable=protected-access
+  summary = infos["transformer"]
+  assert summary, "the transformer stage returned no summary"
+  assert all(np.isfinite(v) for v in jax.tree.leaves(summary)
+             if isinstance(v, float))
+  ckpt = g.stage_dir("transformer") / "checkpoints"
+  items = {p.name for step in ckpt.iterdir() if step.name.isdigit()
+           for p in step.iterdir()}
+  assert not any("text_encoder" in i for i in items), items

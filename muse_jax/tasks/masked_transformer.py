@@ -1,8 +1,11 @@
 """The base masked-transformer task (Muse P§2.3, §2.6).
 
-Training data are pre-tokenized: VQ token ids of each image and the frozen
-text encoder's per-token embeddings of its caption (computed once, so the
-text encoder never occupies training memory). The objective is Muse's: a
+Training data are pre-tokenized: VQ token ids of each image and either the
+frozen text encoder's per-token embeddings of its caption (computed once,
+so the text encoder never occupies training memory: Muse's way) or the
+caption's token ids, which the frozen encoder, a frozen input of the step,
+embeds on the fly (`text_encoder=`; for caption augmentation or datasets too
+large to store embeddings for). The objective is Muse's: a
 cosine-drawn fraction of tokens masked, cross-entropy on the masked tokens,
 and the condition dropped for 10% of examples (`Context.drop`) to enable
 classifier-free guidance.
@@ -24,6 +27,7 @@ from muse_jax.training import optimizer as optimizer_lib
 from muse_jax.training import task as task_lib
 
 PART = "transformer"
+TEXT_ENCODER = "text_encoder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,14 @@ class MaskedTransformerTask(task_lib.Task):
   def __init__(self, model: TransformerConfig,
                optimizer: optimizer_lib.OptimizerConfig,
                objective: ObjectiveConfig, *, num_steps: int,
-               seed: int = 0):
+               seed: int = 0, text_encoder: nnx.Module | None = None):
+    """`text_encoder`: a frozen `(ids, mask) -> embeddings` module
+    (`TextEncoder.frozen_module`) for batches of {tokens, text_ids,
+    text_mask}; None for batches that carry `text_emb`."""
+    if text_encoder is not None and text_encoder.dim != model.text_dim:
+      raise ValueError(f"the text encoder's width {text_encoder.dim} != "
+                       f"the transformer's text_dim {model.text_dim}")
+    self.text_encoder = text_encoder
     self.model_cfg = model
     self.optimizer_cfg = optimizer
     self.objective = objective
@@ -90,7 +101,16 @@ class MaskedTransformerTask(task_lib.Task):
     return {PART: task_lib.Part(self.make_model,
                                 self.optimizer_cfg.make(self.num_steps))}
 
+  def frozen(self) -> dict[str, nnx.Module]:
+    return {} if self.text_encoder is None else {
+        TEXT_ENCODER: self.text_encoder}
+
   def step(self, parts, frozen, batch, rng):
-    del frozen
+    if TEXT_ENCODER in frozen:
+      batch = dict(batch, text_emb=frozen[TEXT_ENCODER](batch["text_ids"],
+                                                       batch["text_mask"]))
+    elif "text_emb" not in batch:
+      raise ValueError("a batch without text_emb needs the task's "
+                       "text_encoder (text embedded on the fly)")
     loss, metrics = parts[PART].minimize(loss_fn, batch, rng, self.objective)
     return dict(metrics, loss=loss)

@@ -12,7 +12,10 @@ rest is written once here:
   mesh's data axis when a mesh is given (every device encodes a slice),
   with the weights placed by their logical axis names (`param_shardings`);
 * zeroing the embeddings at padded positions, so stored embeddings do not
-  depend on the padding.
+  depend on the padding;
+* the encoder as a frozen module of a training step (`frozen_module`), for
+  trainers that embed captions on the fly instead of reading stored
+  embeddings.
 """
 
 from __future__ import annotations
@@ -153,7 +156,37 @@ class TextEncoder(abc.ABC):
     hidden = self.forward(params, ids, mask).astype(jnp.float32)
     return jnp.where(mask[..., None], hidden, 0.0)
 
+  def frozen_module(self) -> FrozenTextEncoder:
+    """This encoder as a frozen input of a compiled training step
+    (`training.task.Task.frozen`): `(ids, mask) -> float32 [B, L, dim]`,
+    zero at padding, no gradient. Its weights are placed by their logical
+    axes when the encoder has a mesh, so T5-XXL stays sharded."""
+    if self.mesh is not None:
+      self.params = jax.device_put(self.params, self.param_shardings())
+    return FrozenTextEncoder(self)
+
   def describe(self) -> dict[str, Any]:
     """JSON facts for stage markers and logs."""
     return {"encoder": type(self).__name__, "dim": self.dim,
             "max_len": self.max_len}
+
+
+class FrozenTextEncoder(nnx.Module):
+  """A text encoder inside a training step: ids/mask -> embeddings.
+
+  The weights are this module's state (so the training loop passes them to
+  the compiled step as an argument, never as constants); the encoder object
+  (tokenizer, architecture) is static.
+  """
+
+  def __init__(self, encoder: TextEncoder):
+    self.encoder = nnx.static(encoder)
+    self.weights = nnx.data(encoder.params)
+
+  @property
+  def dim(self) -> int:
+    return self.encoder.dim
+
+  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    hidden = self.encoder._masked_forward(self.weights, ids, mask)  # pylint: disable=protected-access
+    return jax.lax.stop_gradient(hidden)
