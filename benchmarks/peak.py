@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
-from muse_jax import config_types
 
 
 def peak_matmul_flops(n: int = 2048, repeats: int = 10,
@@ -37,7 +36,9 @@ def peak_matmul_flops(n: int = 2048, repeats: int = 10,
               best_flops_per_s=flops / min(t.times_s), **t.fields())
 
 
-BF16_CPU_FLAGS = config_types.BF16_CPU_FLAGS
+# CPU flags of the bf16 matrix instructions torch and XLA use (x86: AVX-512
+# BF16, AMX; Arm: BF16 dot products).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
@@ -50,9 +51,13 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
   """
   if jax.devices()[0].platform != "cpu":
     return True, f"{jax.devices()[0].platform} device"
-  found = config_types.cpu_bf16_flags(cpuinfo)
-  if found is None:
+  try:
+    with open(cpuinfo) as f:
+      flags = {w for line in f if line.startswith(("flags", "Features"))
+               for w in line.split(":", 1)[1].split()}
+  except OSError:
     return True, f"no {cpuinfo}; assuming native bf16"
+  found = sorted(f for f in BF16_CPU_FLAGS if f in flags)
   if found:
     return True, "CPU flags " + ", ".join(found)
   return False, ("the CPU lists none of the bf16 matrix flags "

@@ -26,7 +26,6 @@ relation 0.16, overall 0.537; heldout overall 0.056.
 import ml_collections
 
 from configs import common
-from muse_jax import config_types
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -78,10 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # LPIPS needs a torchvision VGG16 state dict; none ships offline, and
       # flat shapes need no perceptual loss.
       perceptual=dict(vgg16_path=""),
-      # The VQGAN adversarial loss, on for the last quarter (each step with
-      # the critic costs 2.3x one without it on CPU), at VQGAN's adaptive
+      # The VQGAN adversarial loss, on from halfway, at VQGAN's adaptive
       # weight (gradients balanced at the decoder's last layer) times 0.1.
-      adversarial=dict(weight=0.1, kind="hinge", start_step=3000,
+      adversarial=dict(weight=0.1, kind="hinge", start_step=2000,
                        adaptive=True, max_adaptive_weight=1e4, r1_weight=0.0,
                        r1_every=1, lecam_weight=0.0, lecam_decay=0.999),
       discriminator=dict(base_channels=16, channel_mult=(1, 2, 4),
@@ -106,17 +104,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Full remat is faster here, not only leaner: recomputing the layer in
       # the backward pass avoids stacking every residual of the scan (CPU,
       # batch 16: 49 ms vs 73 ms per step). The XLA:CPU path is ~1.2x the
-      # plain one at this size (49 vs 58 ms). bfloat16 compute (float32
-      # parameters, norms, softmax, loss and optimizer) where the CPU has
-      # bf16 matrix instructions: 1.2-1.3x float32 per step on a Zen 4 with
-      # avx512_bf16 (87-93 vs 114-116 ms, 2026-12-04); float32 elsewhere
-      # (config_types.cpu_compute_dtype). QK-norm costs ~1.23x per step
+      # plain one at this size (49 vs 58 ms). QK-norm costs ~1.23x per step
       # here but, at 6000 steps, scored 0.45 overall on prompts 300-599
       # against 0.40-0.41 for four runs without it (and it trains at a
       # learning rate, 3e-3, where attention without it collapses).
       model=dict(width=128, depth=4, num_heads=4, mlp_dim=512,
-                 dtype=config_types.cpu_compute_dtype(),
-                 param_dtype="float32", scan_layers=True,
+                 dtype="float32", param_dtype="float32", scan_layers=True,
                  remat_policy="full", attention_impl="xla_cpu",
                  matmul_impl="xla_cpu", qk_norm="all"),
       objective=dict(schedule="cosine", label_smoothing=0.1,

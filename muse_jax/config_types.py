@@ -25,32 +25,6 @@ def dtype_from_name(name: str | Any) -> Any:
   return _DTYPES[name]
 
 
-# CPU flags of the bf16 matrix instructions XLA and torch use (x86: AVX-512
-# BF16, AMX; Arm: BF16 dot products).
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
-
-
-def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str] | None:
-  """The `BF16_CPU_FLAGS` this CPU lists (None: no cpuinfo to read)."""
-  try:
-    with open(cpuinfo) as f:
-      flags = {w for line in f if line.startswith(("flags", "Features"))
-               for w in line.split(":", 1)[1].split()}
-  except OSError:
-    return None
-  return sorted(f for f in BF16_CPU_FLAGS if f in flags)
-
-
-def cpu_compute_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
-  """"bfloat16" where this CPU multiplies bf16 natively, else "float32".
-
-  For CPU recipes (the shapes demo): bf16 compute is ~1.25x float32 per
-  training step on a Zen 4 with avx512_bf16 and 4-5x on AMX, but emulated
-  (far slower) on CPUs without those instructions, e.g. AMD Zen 3.
-  """
-  return "bfloat16" if cpu_bf16_flags(cpuinfo) else "float32"
-
-
 def dataclass_from_config(cls, cfg: Any, **overrides: Any):
   """Builds frozen dataclass `cls` from a mapping, rejecting unknown keys."""
   values = dict(cfg) if cfg is not None else {}

@@ -37,14 +37,3 @@ def test_bf16_configs_are_skipped_with_a_reason():
                                       git_commit="c", jax_version="j")])
   assert "Skipped config S-bf16: no native bf16" in text
   assert "Target (config S-bf16)" not in text
-
-
-def test_cpu_compute_dtype_follows_the_bf16_flags(tmp_path):
-  from muse_jax import config_types  # pylint: disable=g-import-not-at-top
-  zen3 = tmp_path / "zen3"
-  zen3.write_text("flags\t\t: fpu avx2 avx512f\n")
-  zen4 = tmp_path / "zen4"
-  zen4.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
-  assert config_types.cpu_compute_dtype(str(zen3)) == "float32"
-  assert config_types.cpu_compute_dtype(str(zen4)) == "bfloat16"
-  assert config_types.cpu_compute_dtype(str(tmp_path / "none")) == "float32"
