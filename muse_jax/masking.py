@@ -9,6 +9,7 @@ decoding progress, is the sampler's re-masking schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 
 import jax
@@ -84,6 +85,55 @@ def masked_cross_entropy(
   loss = jnp.sum(per_token * weights) / denom
   accuracy = jnp.sum(hit.astype(jnp.float32) * weights) / denom
   return loss, accuracy
+
+
+def chunked_masked_cross_entropy(
+    head: Callable[[jax.Array], jax.Array],
+    features: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    label_smoothing: float = 0.0,
+    impl: str = "plain",
+    chunk: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """`masked_cross_entropy(head(features), ...)` without all the logits.
+
+  The output projection `head` ([B, n, D] -> [B, n, V] logits) and the
+  loss run over `chunk` positions at a time, each chunk rematerialised in
+  the backward pass, so at most one chunk's [B, chunk, V] logits are alive:
+  the super-res model's 4096 x 8192 logits per image would otherwise be
+  the largest tensor of its step. `chunk` must divide the sequence length;
+  0 (or the whole length) is the plain call.
+  """
+  n = features.shape[1]
+  if not chunk or chunk >= n:
+    return masked_cross_entropy(head(features), targets, mask,
+                                label_smoothing, impl)
+  if n % chunk:
+    raise ValueError(f"loss chunk {chunk} does not divide the sequence "
+                     f"length {n}")
+  if impl not in LOSS_IMPLS:
+    raise ValueError(f"loss impl {impl!r} not in {LOSS_IMPLS}")
+  per_token_fn = (_token_cross_entropy if impl == "fused"
+                  else _plain_cross_entropy)
+  weights = mask.astype(jnp.float32)
+
+  @jax.checkpoint
+  def chunk_sums(xs):
+    f, t, w = xs
+    per_token, hit = per_token_fn(float(label_smoothing),
+                                  head(f).astype(jnp.float32),
+                                  t.astype(jnp.int32))
+    return jnp.sum(per_token * w), jnp.sum(hit.astype(jnp.float32) * w)
+
+  def split(x):  # [B, n, ...] -> [n / chunk, B, chunk, ...]
+    x = x.reshape(x.shape[0], n // chunk, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  loss_sums, hit_sums = jax.lax.map(
+      chunk_sums, (split(features), split(targets), split(weights)))
+  denom = jnp.maximum(weights.sum(), 1.0)
+  return jnp.sum(loss_sums) / denom, jnp.sum(hit_sums) / denom
 
 
 def _plain_cross_entropy(smoothing, logits, targets):

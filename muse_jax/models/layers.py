@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from muse_jax.models import cpu_kernels
+from muse_jax.models import multi_axis as multi_axis_lib
 
 Dtype = jnp.dtype | type
 
@@ -253,6 +254,13 @@ class Attention(nnx.Module):
   2023, here in its RMS form): the attention logits cannot grow without
   bound, which keeps training stable at learning rates where plain
   attention collapses.
+
+  `multi_axis=(grid_h, grid_w, window)` makes self-attention over a
+  grid_h x grid_w image (tokens in raster order) multi-axis attention
+  (`muse_jax.models.multi_axis`: half the heads within window x window
+  blocks, half within a dilated grid), which never forms the [T, T] scores.
+  The parameters are those of full attention, so a checkpoint serves
+  either; cross-attention (a `context` or `cached_kv`) stays full.
   """
 
   def __init__(
@@ -269,6 +277,7 @@ class Attention(nnx.Module):
       impl: str = "plain",
       matmul_impl: str | None = None,
       qk_norm: bool = False,
+      multi_axis: tuple[int, int, int] | None = None,
   ):
     """`impl` picks the attention core; `matmul_impl` (default: `impl`)
     the projections' products."""
@@ -278,6 +287,10 @@ class Attention(nnx.Module):
         raise ValueError(
             f"features={features} is not divisible by num_heads={num_heads}")
       head_dim = features // num_heads
+    if multi_axis is not None:
+      grid_h, grid_w, window = (int(n) for n in multi_axis)
+      multi_axis_lib.check((grid_h, grid_w), window, num_heads)
+      multi_axis = (grid_h, grid_w, window)
     ctx = context_features or features
     kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype,
               param_dtype=param_dtype, impl=matmul_impl or impl)
@@ -285,6 +298,7 @@ class Attention(nnx.Module):
     self.head_dim = head_dim
     self.dtype = dtype
     self.impl = impl
+    self.multi_axis = multi_axis
     self.query = Einsum(
         "btd,dhk->bthk", (features, num_heads, head_dim),
         ("embed", "heads", "kv"), bias_ndim=2, **kw)
@@ -325,6 +339,8 @@ class Attention(nnx.Module):
       mask: jax.Array | None = None,
       cached_kv: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
+    multi_axis = (self.multi_axis is not None and context is None
+                  and cached_kv is None)
     if cached_kv is not None:
       k, v = cached_kv
     else:
@@ -338,7 +354,25 @@ class Attention(nnx.Module):
       q = self.query_norm(self.query(x))
       if self.impl == "xla_cpu":
         q = q * jnp.asarray(scale, q.dtype)
+    if multi_axis:
+      return self._multi_axis(q, k, v, mask)
     if self.impl == "xla_cpu":
       # Pre-scaled queries, heads-major.
       return self.out(cpu_kernels.attend(jnp.swapaxes(q, 1, 2), k, v, mask))
     return self.out(dot_product_attention(q, k, v, mask))
+
+  def _multi_axis(self, q, k, v, mask) -> jax.Array:
+    """Multi-axis self-attention of q [B, T, H, K] and this impl's k/v."""
+    grid_h, grid_w, window = self.multi_axis
+    kw = dict(grid=(grid_h, grid_w), window=window, mask=mask)
+    if self.impl == "plain":
+      return self.out(multi_axis_lib.attend(q, k, v, **kw))
+    # "xla_cpu": pre-scaled queries; keys/values back to [B, S, H, K] (XLA
+    # cancels the swaps), every group attended heads-major by the kernel.
+    def core(q, k, v):
+      heads_major = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+      return jnp.swapaxes(cpu_kernels.attend(*heads_major), 1, 2)
+
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    out = multi_axis_lib.attend(q, k, v, core=core, **kw)
+    return self.out(jnp.swapaxes(out, 1, 2))

@@ -14,6 +14,10 @@ pass recomputes. The context's keys/values of every layer can be computed
 once (`context_kv`) and reused by every decoding step (`logits`,
 `features`). `attention_impl` / `matmul_impl` pick the plain JAX path
 (default) or the XLA:CPU one (`muse_jax.models.layers`).
+`self_attention="multi_axis"` replaces full self-attention over the image
+tokens by multi-axis attention (`muse_jax.models.multi_axis`), whose memory
+grows with the grid's area times `attention_window**2` rather than with its
+area squared; the parameters are the same, so either runs a checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ REMAT_POLICIES = {
 
 QK_NORMS = ("none", "cross", "all")
 
+SELF_ATTENTIONS = ("full", "multi_axis")
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -60,6 +66,11 @@ class TransformerConfig:
   # QK-norm (layers.Attention): "none", "cross" (cross-attention only) or
   # "all" (self- and cross-attention).
   qk_norm: str = "none"
+  # Image self-attention: "full", or "multi_axis" (muse_jax.models.
+  # multi_axis: half the heads within attention_window**2 blocks of
+  # neighbours, half within a dilated grid of as many tokens).
+  self_attention: str = "full"
+  attention_window: int = 8
 
   def __post_init__(self):
     for name in ("codebook_size", "grid_size", "text_dim", "width", "depth",
@@ -76,6 +87,23 @@ class TransformerConfig:
     if self.qk_norm not in QK_NORMS:
       raise ValueError(f"TransformerConfig.qk_norm={self.qk_norm!r} not in "
                        f"{QK_NORMS}")
+    if self.self_attention not in SELF_ATTENTIONS:
+      raise ValueError(f"TransformerConfig.self_attention="
+                       f"{self.self_attention!r} not in {SELF_ATTENTIONS}")
+    if int(self.attention_window) < 1:
+      raise ValueError(f"TransformerConfig.attention_window must be >= 1, "
+                       f"got {self.attention_window}")
+    if self.self_attention == "multi_axis":
+      if self.grid_size % self.attention_window:
+        raise ValueError(
+            f"TransformerConfig.grid_size={self.grid_size} is not divisible "
+            f"by attention_window={self.attention_window} "
+            "(self_attention='multi_axis')")
+      if self.num_heads % 2:
+        raise ValueError(
+            f"TransformerConfig.num_heads={self.num_heads} must be even for "
+            "self_attention='multi_axis' (half the heads attend locally, "
+            "half globally)")
     layers.check_impl("TransformerConfig.attention_impl", self.attention_impl)
     layers.check_impl("TransformerConfig.matmul_impl", self.matmul_impl)
     dtype_from_name(self.dtype)
@@ -88,6 +116,13 @@ class TransformerConfig:
   @property
   def seq_len(self) -> int:
     return self.grid_size**2
+
+  @property
+  def multi_axis(self) -> tuple[int, int, int] | None:
+    """The image self-attention's `layers.Attention(multi_axis=...)`."""
+    if self.self_attention != "multi_axis":
+      return None
+    return (self.grid_size, self.grid_size, self.attention_window)
 
 
 @flax.struct.dataclass
@@ -119,7 +154,8 @@ class Block(nnx.Module):
     self.flat_mlp = cfg.matmul_impl == "xla_cpu"
     self.norm1 = layers.LayerNorm(d, rngs=rngs, **kw)
     self.self_attn = layers.Attention(d, cfg.num_heads, rngs=rngs,
-                                      qk_norm=cfg.qk_norm == "all", **attn_kw)
+                                      qk_norm=cfg.qk_norm == "all",
+                                      multi_axis=cfg.multi_axis, **attn_kw)
     self.norm2 = layers.LayerNorm(d, rngs=rngs, **kw)
     self.cross_attn = layers.Attention(d, cfg.num_heads, rngs=rngs,
                                        qk_norm=cfg.qk_norm != "none",

@@ -2,6 +2,11 @@
 
   data -> tokenizer -> tokenize -> transformer -> evaluate
 
+and Muse's cascade (`config.pipeline="cascade"`):
+
+  data -> tokenizer, sr_tokenizer -> tokenize -> transformer, superres
+       -> evaluate
+
 `build(config, workdir)` is the graph the main job runs; `graph.py` holds
 the machinery (fingerprints, markers, the shared stage store).
 """
@@ -15,6 +20,7 @@ from muse_jax.stages import data
 from muse_jax.stages import env as env_lib
 from muse_jax.stages import evaluate
 from muse_jax.stages import graph
+from muse_jax.stages import superres
 from muse_jax.stages import tokenize
 from muse_jax.stages import tokenizer
 from muse_jax.stages import tokenizer_decoder
@@ -27,6 +33,9 @@ STAGES: tuple[type[graph.Stage], ...] = (
 NAMES = tuple(s.name for s in STAGES)
 PIPELINES: dict[str, tuple[type[graph.Stage], ...]] = {
     "muse": STAGES,
+    "cascade": (data.Data, tokenizer.Tokenizer, tokenizer.SrTokenizer,
+                tokenize.CascadeTokenize, transformer.Transformer,
+                superres.SuperRes, evaluate.CascadeEvaluate),
     "tokenizer": (data.Data, tokenizer.Tokenizer,
                   tokenizer_decoder.TokenizerDecoder,
                   tokenizer_eval.TokenizerEval),

@@ -19,6 +19,7 @@ from muse_jax import checkpointing
 from muse_jax import config_types
 from muse_jax import sharding
 from muse_jax import text_encoders
+from muse_jax.models import superres
 from muse_jax.models import transformer as transformer_lib
 from muse_jax.models import vqgan
 from muse_jax.tasks import masked_transformer
@@ -80,6 +81,43 @@ def transformer_config(config: ml_collections.ConfigDict
           text_encoders.config_from(config.text_encoder)))
 
 
+def sr_vq_config(config: ml_collections.ConfigDict) -> vqgan.VQConfig:
+  """The super-res (high-res) tokenizer's config."""
+  return config_types.dataclass_from_config(vqgan.VQConfig,
+                                            config.sr_tokenizer.model)
+
+
+def sr_grid_size(config: ml_collections.ConfigDict) -> int:
+  """High-res tokens per side: data.sr_image_size / its tokenizer's factor."""
+  size = int(config.data.get("sr_image_size", 0) or 0)
+  if not size:
+    raise ValueError("a super-res stage needs data.sr_image_size")
+  f = sr_vq_config(config).downsample_factor
+  if size % f:
+    raise ValueError(
+        f"data.sr_image_size={size} is not divisible by the super-res "
+        f"tokenizer's downsample factor {f}")
+  return size // f
+
+
+def superres_configs(config: ml_collections.ConfigDict
+                     ) -> tuple[transformer_lib.TransformerConfig,
+                                superres.LowResConfig]:
+  """The super-res transformer's config (grid and codebook of the high-res
+  tokenizer) and its low-res condition's (the base tokenizer's)."""
+  s = config.superres
+  model = config_types.dataclass_from_config(
+      transformer_lib.TransformerConfig, s.model,
+      codebook_size=sr_vq_config(config).codebook_size,
+      grid_size=sr_grid_size(config),
+      text_dim=text_encoders.embedding_dim(
+          text_encoders.config_from(config.text_encoder)))
+  lowres = superres.LowResConfig(
+      codebook_size=vq_config(config).codebook_size,
+      grid_size=grid_size(config), depth=s.lowres_depth)
+  return model, lowres
+
+
 def load(make: Callable[[], nnx.Module], directory: epath.PathLike,
          part: str, env) -> nnx.Module:
   """`make()`'s module with the weights of `part` in a stage's checkpoints,
@@ -98,6 +136,22 @@ def load_vq(config, tokenizer_dir: epath.PathLike, env,
   cfg = cfg or vq_config(config)
   return load(lambda: vqgan.VQModel(cfg, rngs=nnx.Rngs(0)), tokenizer_dir,
               part or vq_part(config.tokenizer), env)
+
+
+def load_sr_vq(config, sr_tokenizer_dir: epath.PathLike, env
+               ) -> vqgan.VQModel:
+  """The trained super-res tokenizer (its EMA when it kept one)."""
+  cfg = sr_vq_config(config)
+  return load(lambda: vqgan.VQModel(cfg, rngs=nnx.Rngs(0)), sr_tokenizer_dir,
+              vq_part(config.sr_tokenizer), env)
+
+
+def load_superres(config, superres_dir: epath.PathLike, env
+                  ) -> superres.SuperResTransformer:
+  model, lowres = superres_configs(config)
+  return load(lambda: superres.SuperResTransformer(model, lowres,
+                                                   rngs=nnx.Rngs(0)),
+              superres_dir, masked_transformer.PART, env)
 
 
 def load_transformer(config, transformer_dir: epath.PathLike, env

@@ -11,6 +11,11 @@
   real images. Nothing to build: the stage records the split's photos.
 
 `image_iterator` and `heldout_images` serve the tokenizer stages either way.
+
+With `data.sr_image_size` set (the cascade: `configs/shapes_cascade.py`),
+every shapes scene is rendered at both sizes (`data.image_size` for the
+base model, `data.sr_image_size` for super-resolution); readers pick one
+with `size=`.
 """
 
 from __future__ import annotations
@@ -40,13 +45,25 @@ def data_dir(config: ml_collections.ConfigDict, stage_dir: epath.Path
       stage_dir)
 
 
+def sr_image_size(config: ml_collections.ConfigDict) -> int:
+  """The super-res image side (0: no super-res stage)."""
+  return int(config.data.get("sr_image_size", 0) or 0)
+
+
+def image_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The sides every scene is rendered at: base, then super-res."""
+  sr = sr_image_size(config)
+  return (config.data.image_size,) + ((sr,) if sr else ())
+
+
 def open_builder(config: ml_collections.ConfigDict, stage_dir: epath.Path,
                  *, build: bool = False):
   """The shapes TFDS builder of a (finished) data stage directory."""
   from muse_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
   d = config.data
+  name = "s" + "_".join(str(s) for s in image_sizes(config))
   return shapes_tfds.build_shapes(
-      str(data_dir(config, stage_dir)), config_name=f"s{d.image_size}",
+      str(data_dir(config, stage_dir)), config_name=name,
       num_train=d.num_train, num_validation=d.num_validation,
       num_heldout=d.num_heldout, seed=d.seed, prepare=build)
 
@@ -68,8 +85,9 @@ def split_captions(config, stage_dir: epath.Path, split: str) -> list[str]:
 
 
 def image_iterator(config, stage_dir: epath.Path, split: str, *,
-                   batch_size: int, seed: int):
-  """A checkpointable grain iterator of {"images": float [-1, 1]} batches."""
+                   batch_size: int, seed: int, size: int | None = None):
+  """A checkpointable grain iterator of {"images": float [-1, 1]} batches
+  (shapes: rendered at side `size`, default `data.image_size`)."""
   from muse_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   if source_name(config) == "photos":
     from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
@@ -78,15 +96,16 @@ def image_iterator(config, stage_dir: epath.Path, split: str, *,
         d.num_train, batch_size=batch_size, size=d.image_size, seed=d.seed,
         transform=lambda r: {"images": vqgan.to_unit_range(
             r[photos.IMAGE_KEY])})
-  key = shapes.image_key(config.data.image_size)
+  key = shapes.image_key(size or config.data.image_size)
   return pipeline.make_iterator(
       split_source(config, stage_dir, split), batch_size=batch_size,
       seed=seed, transform=lambda r: {"images": vqgan.to_unit_range(r[key])})
 
 
-def heldout_images(config, stage_dir: epath.Path, n: int) -> np.ndarray:
+def heldout_images(config, stage_dir: epath.Path, n: int,
+                   size: int | None = None) -> np.ndarray:
   """Up to `n` fixed held-out images, uint8 [n, S, S, 3]: the validation
-  split (shapes) or crops of the held-out photographs (photos)."""
+  split (shapes, at side `size`) or crops of the held-out photographs."""
   if source_name(config) == "photos":
     from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
     d = config.data
@@ -94,7 +113,7 @@ def heldout_images(config, stage_dir: epath.Path, n: int) -> np.ndarray:
     return photos.heldout_crops(min(n, d.get("num_heldout", n)),
                                 size=d.image_size, seed=d.seed)
   source = split_source(config, stage_dir, "validation")
-  key = shapes.image_key(config.data.image_size)
+  key = shapes.image_key(size or config.data.image_size)
   return np.stack([source[i][key] for i in range(min(n, len(source)))])
 
 
@@ -129,6 +148,11 @@ class Data(graph.Stage):
     if d.image_size not in shapes.SUPPORTED_SIZES:
       raise ValueError(f"data.image_size={d.image_size} not in "
                        f"{shapes.SUPPORTED_SIZES}")
+    sr = sr_image_size(config)
+    if sr and (sr not in shapes.SUPPORTED_SIZES or sr <= d.image_size):
+      raise ValueError(f"data.sr_image_size={sr} must be one of "
+                       f"{shapes.SUPPORTED_SIZES} above data.image_size="
+                       f"{d.image_size}")
     for key in ("num_train", "num_validation", "num_heldout"):
       if d[key] < 0:
         raise ValueError(f"data.{key} must be >= 0, got {d[key]}")

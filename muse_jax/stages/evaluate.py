@@ -5,6 +5,12 @@ decoded in parallel (`sampling`, Muse's schedule) in batches sharded over
 the data axis, turned into images by the tokenizer and scored by the
 shapes scorer. Process 0 writes `samples.png` and `metrics.json` into this
 stage's directory and publishes both in the workdir.
+
+In the cascade (`CascadeEvaluate`) the base model's tokens go on through
+the super-res model (`superres.sampling`) and the super-res tokenizer: each
+split is scored at both resolutions (`<split>` is the final, high-res
+output; `<split>_base` the base model's), and `samples.png` shows every
+prompt at both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 from muse_jax import config_types
 from muse_jax import distributed
 from muse_jax import sampling
+from muse_jax import text_to_image
 from muse_jax.data import records
 from muse_jax.evaluation import sample_grid
 from muse_jax.evaluation import shapes_scorer
@@ -34,6 +41,17 @@ PUBLISHED = ("samples.png", "metrics.json")
 def sampler_config(config) -> sampling.SamplerConfig:
   return config_types.dataclass_from_config(sampling.SamplerConfig,
                                             config.sampling)
+
+
+def sr_sampler_config(config) -> sampling.SamplerConfig:
+  return config_types.dataclass_from_config(sampling.SamplerConfig,
+                                            config.superres.sampling)
+
+
+def _upsample(images: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour upsampling of uint8 [N, s, s, 3] to side `size`."""
+  f = size // images.shape[1]
+  return images.repeat(f, axis=1).repeat(f, axis=2)
 
 
 class Evaluate(graph.Stage):
@@ -56,7 +74,14 @@ class Evaluate(graph.Stage):
     sampler = sampler_config(config)
     vq = artifacts.load_vq(config, run.inputs["tokenizer"], env)
     model = artifacts.load_transformer(config, run.inputs["transformer"], env)
-    generate = TextToImage(vq, model, sampler, env, batch_size=e.batch_size)
+    sr = None
+    if "superres" in run.inputs:
+      sr = text_to_image.SuperRes(
+          artifacts.load_sr_vq(config, run.inputs["sr_tokenizer"], env),
+          artifacts.load_superres(config, run.inputs["superres"], env),
+          sr_sampler_config(config))
+    generate = TextToImage(vq, model, sampler, env, batch_size=e.batch_size,
+                           superres=sr)
     metrics: dict[str, Any] = {}
     grid_images, grid_captions = [], []
     wanted = {"validation": e.num_validation, "heldout": e.num_heldout}
@@ -75,24 +100,34 @@ class Evaluate(graph.Stage):
       mask = np.stack([x["text_mask"] for x in examples])
       prompts = [r["caption"] for r in recs]
       t0 = time.perf_counter()
-      images = generate.from_embeddings(emb, mask, seed=config.seed)
+      base_tokens, hr_tokens = generate.cascade_tokens(emb, mask,
+                                                       seed=config.seed)
+      outputs = {split: generate.decode(base_tokens)}
+      if hr_tokens is not None:
+        outputs = {f"{split}_base": outputs[split],
+                   split: generate.decode_superres(hr_tokens)}
       sample_s += time.perf_counter() - t0
       num_images += n
       if not distributed.is_leader():
         continue
-      scores = [shapes_scorer.score(img, p) for img, p in zip(images, prompts)]
       types = np.asarray([r["scene_type"] for r in recs])
-      metrics[split] = dict(shapes_scorer.aggregate(scores, types),
-                            num_prompts=n, first_prompt=lo)
       take = e.grid_prompts // len(EVAL_SPLITS)
-      grid_images += list(images[:take])
-      grid_captions += [
-          f"{'[heldout] ' if split == 'heldout' else ''}{p}"
-          f"{'' if s['correct'] else ' (x)'}"
-          for p, s in zip(prompts[:take], scores[:take])]
-      print(f"[evaluate] {split}: " + ", ".join(
-          f"{k} {v:.3f}" for k, v in sorted(metrics[split].items())
-          if k.startswith("accuracy")), flush=True)
+      for name, images in outputs.items():
+        scores = [shapes_scorer.score(img, p)
+                  for img, p in zip(images, prompts)]
+        metrics[name] = dict(shapes_scorer.aggregate(scores, types),
+                             num_prompts=n, first_prompt=lo,
+                             image_size=int(images.shape[1]))
+        print(f"[evaluate] {name} ({images.shape[1]} px): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in sorted(metrics[name].items())
+            if k.startswith("accuracy")), flush=True)
+        size = max(x.shape[1] for x in outputs.values())
+        grid_images += list(_upsample(images[:take], size))
+        grid_captions += [
+            f"{'[heldout] ' if split == 'heldout' else ''}"
+            f"{'' if len(outputs) == 1 else f'{images.shape[1]}px: '}{p}"
+            f"{'' if s['correct'] else ' (x)'}"
+            for p, s in zip(prompts[:take], scores[:take])]
     seq_len = model.cfg.seq_len
     metrics["decoding"] = {
         "steps": sampler.num_steps, "tokens": seq_len,
@@ -101,6 +136,12 @@ class Evaluate(graph.Stage):
         "guidance_schedule": sampler.guidance_schedule,
         "temperature": sampler.temperature,
         "confidence": sampler.confidence}
+    if sr is not None:
+      metrics["decoding_superres"] = {
+          "steps": sr.sampler.num_steps, "tokens": sr.model.cfg.seq_len,
+          "tokens_per_step": sr.model.cfg.seq_len / sr.sampler.num_steps,
+          "guidance_scale": sr.sampler.guidance_scale,
+          "guidance_schedule": sr.sampler.guidance_schedule}
     metrics["sampling"] = {"images": num_images, "wall_s": sample_s,
                            "images_per_s": num_images / max(sample_s, 1e-9)}
     metrics["timings_s"] = {k: v["wall_s"] for k, v in run.infos.items()
@@ -115,3 +156,16 @@ class Evaluate(graph.Stage):
         (run.dir / name).copy(run.workdir / name, overwrite=True)
     distributed.barrier("evaluate-written")
     return {"metrics": json.loads(json.dumps(metrics, default=float))}
+
+
+class CascadeEvaluate(Evaluate):
+  """`Evaluate` through the base -> super-res cascade."""
+
+  reads = ("tokenizer", "tokenize", "transformer", "sr_tokenizer",
+           "superres")
+  config_keys = ("seed", "sampling", "eval", "superres.sampling")
+
+  def check(self, config) -> None:
+    super().check(config)
+    sr_sampler_config(config).check_codebook(
+        artifacts.sr_vq_config(config).codebook_size)

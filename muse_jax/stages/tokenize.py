@@ -11,6 +11,10 @@ example (`data.records`): `tokens` int32 [N], `caption`, `text_emb` bfloat16
 [caption tokens, dim] (padding dropped; readers pad to `max_len`),
 `scene_type` and `index`. Process 0 writes the shards, so a run on several
 processes writes the same files as a run on one.
+
+In the cascade (`CascadeTokenize`) each record also carries `hr_tokens`:
+the super-res tokenizer's tokens of the same scene rendered at
+`data.sr_image_size`, the super-res stage's targets.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Tokenize(graph.Stage):
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env = run.config, run.env
     vq = artifacts.load_vq(config, run.inputs["tokenizer"], env)
+    sr_vq = (artifacts.load_sr_vq(config, run.inputs["sr_tokenizer"], env)
+             if "sr_tokenizer" in run.inputs else None)
     cfg = text_encoders.config_from(config.text_encoder)
     # Either embeds captions: `encode(texts) -> EncodedText`, `dim`, `max_len`.
     encoder = cache.open_for(cfg) if cfg.cache_dir else env.text_encoder()
@@ -66,12 +72,13 @@ class Tokenize(graph.Stage):
     bs = max(1, config.tokenize.batch_size // env.data_shards) * (
         env.data_shards)
     key = shapes.image_key(config.data.image_size)
+    sr_key = shapes.image_key(data_stage.sr_image_size(config))
     info: dict[str, Any] = {"text_dim": encoder.dim,
                             "max_len": encoder.max_len}
     if cfg.cache_dir:
       info["text_cache"] = cfg.cache_dir
 
-    def image_tokens(images: np.ndarray) -> np.ndarray:
+    def image_tokens(images: np.ndarray, model=vq) -> np.ndarray:
       rows = images.shape[0]
       if rows < bs:  # One compiled shape: pad the final batch.
         images = np.concatenate([images, np.repeat(images[-1:], bs - rows,
@@ -79,8 +86,13 @@ class Tokenize(graph.Stage):
       x = sharding.shard_host_batch(vqgan.to_unit_range(images),
                                     env.mesh, env.rules)
       with jax.set_mesh(env.mesh):
-        ids = sharding.to_host(encode(vq, x))
+        ids = sharding.to_host(encode(model, x))
       return ids.reshape(bs, -1)[:rows].astype(np.int32)
+
+    def all_tokens(recs, k, model) -> np.ndarray:
+      return np.concatenate([
+          image_tokens(np.stack([r[k] for r in recs[i:i + bs]]), model)
+          for i in range(0, len(recs), bs)])
 
     for split in shapes.SPLITS:
       source = data_stage.split_source(config, run.inputs["data"], split)
@@ -90,9 +102,8 @@ class Tokenize(graph.Stage):
       def examples(source=source, stats=stats) -> Iterator[dict[str, Any]]:
         for lo in range(0, len(source), CHUNK):
           recs = [source[i] for i in range(lo, min(len(source), lo + CHUNK))]
-          tokens = np.concatenate([
-              image_tokens(np.stack([r[key] for r in recs[i:i + bs]]))
-              for i in range(0, len(recs), bs)])
+          tokens = all_tokens(recs, key, vq)
+          hr = None if sr_vq is None else all_tokens(recs, sr_key, sr_vq)
           captions = [_as_str(r["caption"]) for r in recs]
           distinct, which = np.unique(np.asarray(captions),
                                       return_inverse=True)
@@ -105,10 +116,13 @@ class Tokenize(graph.Stage):
           emb = text.embeddings.astype(ml_dtypes.bfloat16)
           for j, r in enumerate(recs):
             c = which[j]
-            yield {"tokens": tokens[j], "caption": captions[j],
+            out = {"tokens": tokens[j], "caption": captions[j],
                    "text_emb": emb[c, :lengths[c]],
                    "scene_type": int(r["scene_type"]),
                    "index": int(r["index"])}
+            if hr is not None:
+              out["hr_tokens"] = hr[j]
+            yield out
 
       if distributed.is_leader():
         records.write(run.dir, split, examples(), records_per_shard=CHUNK,
@@ -129,6 +143,12 @@ class Tokenize(graph.Stage):
             f"{stats['distinct_captions']} distinct captions {verb} in "
             f"{stats['text_encode_s']:.1f}s", flush=True)
     return info
+
+
+class CascadeTokenize(Tokenize):
+  """`Tokenize` that also writes the super-res tokenizer's `hr_tokens`."""
+
+  reads = ("data", "tokenizer", "sr_tokenizer")
 
 
 def text_example(max_len: int):

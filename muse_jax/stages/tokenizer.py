@@ -110,15 +110,41 @@ class Tokenizer(graph.Stage):
     return train_tokenizer(self.name, run, task, loop, t.batch_size)
 
 
+class SrTokenizer(graph.Stage):
+  """The super-res stage's tokenizer (section `sr_tokenizer`), trained on
+  the scenes rendered at `data.sr_image_size` (P§2.4: f=8 at 512 px in
+  the paper; here the cascade recipe's high-res side)."""
+
+  name = "sr_tokenizer"
+  reads = ("data",)
+  config_keys = ("seed", "sr_tokenizer")
+
+  def check(self, config) -> None:
+    make_task(config, section="sr_tokenizer")
+    artifacts.sr_grid_size(config)
+    if config.sr_tokenizer.batch_size < 1:
+      raise ValueError("sr_tokenizer.batch_size must be >= 1")
+
+  def run(self, run: graph.StageRun) -> dict[str, Any]:
+    config, t = run.config, run.config.sr_tokenizer
+    task, loop = make_task(
+        config, perceptual=perceptual_network(t, say=loop_lib.say),
+        section="sr_tokenizer")
+    return train_tokenizer(self.name, run, task, loop, t.batch_size,
+                           size=data_stage.sr_image_size(config))
+
+
 def train_tokenizer(name: str, run: graph.StageRun, task: vq_task.VQTask,
-                    loop: loop_lib.LoopConfig, batch_size: int
-                    ) -> dict[str, Any]:
-  """Trains `task` on the data stage's train images; held-out metrics."""
+                    loop: loop_lib.LoopConfig, batch_size: int,
+                    size: int | None = None) -> dict[str, Any]:
+  """Trains `task` on the data stage's train images (rendered at `size`,
+  default `data.image_size`); held-out metrics."""
   config = run.config
   data = data_stage.image_iterator(config, run.inputs["data"], "train",
-                                   batch_size=batch_size, seed=config.seed)
+                                   batch_size=batch_size, seed=config.seed,
+                                   size=size)
   images = vqgan.to_unit_range(data_stage.heldout_images(
-      config, run.inputs["data"], HELDOUT_IMAGES))
+      config, run.inputs["data"], HELDOUT_IMAGES, size=size))
   hook = vq_task.codebook_usage_hook(np.array_split(images, 4),
                                      grid=GRID_IMAGES)
   _, summary = loop_lib.train(

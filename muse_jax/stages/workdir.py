@@ -35,13 +35,34 @@ def read(workdir: str | epath.Path
   return config, dirs
 
 
+def has_superres(workdir: str | epath.Path) -> bool:
+  """Whether the workdir's cascade trained a super-res stage."""
+  _, dirs = read(workdir)
+  return "superres" in dirs and "sr_tokenizer" in dirs
+
+
+def _override(section: ml_collections.ConfigDict, name: str,
+              overrides: dict[str, Any] | None) -> None:
+  for k, v in (overrides or {}).items():
+    if k not in section:
+      raise KeyError(f"{name} override {k!r}: config.{name} has "
+                     f"{sorted(section)}")
+    section[k] = v
+
+
 def load_generator(workdir: str | epath.Path,
-                   sampling_overrides: dict[str, Any] | None = None
+                   sampling_overrides: dict[str, Any] | None = None,
+                   sr_sampling_overrides: dict[str, Any] | None = None,
+                   *, superres: bool = True,
+                   batch_size: int | None = None
                    ) -> text_to_image.TextToImage:
   """A `TextToImage` over a trained workdir's models and text encoder.
 
   `sampling_overrides` replace keys of the saved `config.sampling` (e.g.
-  `num_steps`, `guidance_scale`) without touching the workdir.
+  `num_steps`, `guidance_scale`), `sr_sampling_overrides` those of
+  `config.superres.sampling`, without touching the workdir. A cascade
+  workdir samples through its super-res stage unless `superres` is False;
+  asking for super-res overrides of a workdir without one is an error.
   """
   config, dirs = read(workdir)
   for stage in ("tokenizer", "transformer"):
@@ -49,14 +70,26 @@ def load_generator(workdir: str | epath.Path,
       raise FileNotFoundError(
           f"{workdir}: stage {stage!r} has not run (stages.json has "
           f"{sorted(dirs)})")
-  for k, v in (sampling_overrides or {}).items():
-    if k not in config.sampling:
-      raise KeyError(f"sampling override {k!r}: config.sampling has "
-                     f"{sorted(config.sampling)}")
-    config.sampling[k] = v
+  cascade = superres and has_superres(workdir)
+  if sr_sampling_overrides and not has_superres(workdir):
+    raise ValueError(
+        f"{workdir} has no super-res stage (stages.json has "
+        f"{sorted(dirs)}); super-res settings such as --sr_steps need a "
+        "workdir trained with the cascade (configs/shapes_cascade.py)")
+  _override(config.sampling, "sampling", sampling_overrides)
+  if cascade:
+    _override(config.superres.sampling, "superres.sampling",
+              sr_sampling_overrides)
   env = env_lib.Env(config)
   vq = artifacts.load_vq(config, dirs["tokenizer"], env)
   model = artifacts.load_transformer(config, dirs["transformer"], env)
+  sr = None
+  if cascade:
+    sr = text_to_image.SuperRes(
+        artifacts.load_sr_vq(config, dirs["sr_tokenizer"], env),
+        artifacts.load_superres(config, dirs["superres"], env),
+        evaluate.sr_sampler_config(config))
   return text_to_image.TextToImage(
       vq, model, evaluate.sampler_config(config), env,
-      batch_size=config.eval.batch_size, text_encoder=env.text_encoder())
+      batch_size=batch_size or config.eval.batch_size,
+      text_encoder=env.text_encoder(), superres=sr)

@@ -1,0 +1,76 @@
+r"""Muse's cascade on the shapes dataset: base at 64 px, super-res to 128 px.
+
+Stages (muse_jax.stages, pipeline "cascade"): build the shapes dataset with
+every scene rendered at 64 and 128 px -> train the base tokenizer (64 px ->
+8x8 tokens) and the super-res tokenizer (128 px -> 16x16 tokens) -> tokenize
+both resolutions and embed the captions -> train the base transformer (the
+shapes demo's) and the super-res transformer (16x16 high-res tokens
+cross-attending to [low-res token encoder; text]) -> sample validation
+prompts through the cascade (16 base steps, 8 super-res steps), score both
+resolutions, write samples.png (64 px and 128 px rows) and metrics.json.
+
+COMMAND:
+  python -m muse_jax.main --config=configs/shapes_cascade.py \
+      --workdir=workdir/shapes_cascade
+Smoke-size variant (tests): --config=configs/shapes_cascade.py:tiny
+
+EXPECTED: not measured yet (issue 15 tunes this recipe into the demo).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import shapes_demo
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, tiny=False)
+  c = shapes_demo.get_config("tiny" if arg.tiny else None)
+  c.pipeline = "cascade"
+  c.data.sr_image_size = 128
+
+  # The super-res tokenizer: the base tokenizer's architecture (f = 8,
+  # fully convolutional) on the 128 px renderings: 16x16 tokens.
+  c.sr_tokenizer = ml_collections.ConfigDict(c.tokenizer.to_dict())
+  c.sr_tokenizer.loop.update(num_steps=2000)
+  c.sr_tokenizer.adversarial.start_step = 1500
+
+  c.superres = ml_collections.ConfigDict(dict(
+      model=dict(width=128, depth=4, num_heads=4, mlp_dim=512,
+                 dtype=c.transformer.model.dtype, param_dtype="float32",
+                 scan_layers=True, remat_policy="full",
+                 attention_impl="xla_cpu", matmul_impl="xla_cpu",
+                 qk_norm="all", self_attention="full", attention_window=8),
+      lowres_depth=2,
+      objective=dict(schedule="cosine", label_smoothing=0.1,
+                     text_dropout=0.1, loss_impl="fused", loss_chunk=0),
+      optimizer=dict(learning_rate=2e-3, warmup_steps=200, b1=0.9, b2=0.96,
+                     weight_decay=0.045, decay="kernels", grad_clip_norm=1.0,
+                     end_lr_fraction=0.05),
+      loop=dict(num_steps=3000, log_every=200, checkpoint_every=1000,
+                keep_checkpoints=2, eval_every=0),
+      batch_size=16,
+      # Super-res decoding (P§2.8: 8 steps): 32 of the 256 tokens per step.
+      sampling=dict(num_steps=8, schedule="cosine", guidance_scale=1.0,
+                    guidance_schedule="constant", temperature=0.1,
+                    choice_temperature=1.0, top_k=0,
+                    confidence="untempered"),
+  ))
+
+  if arg.tiny:
+    c.sr_tokenizer.loop.update(num_steps=2, log_every=2, checkpoint_every=2)
+    c.sr_tokenizer.adversarial.start_step = 1
+    c.superres.model.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.superres.lowres_depth = 1
+    c.superres.loop.update(num_steps=4, log_every=2, checkpoint_every=2)
+    c.superres.batch_size = 8
+    c.superres.sampling.num_steps = 2
+  return c
+
+
+def sweep(add):
+  """Super-res decoding steps and guidance around the recipe."""
+  for steps in (4, 8):
+    for scale in (0.0, 1.0, 2.0):
+      add(**{"superres.sampling.num_steps": steps,
+             "superres.sampling.guidance_scale": scale})

@@ -1,0 +1,284 @@
+"""The super-res transformer, its objective and the cascade (issue 15).
+
+Model-level tests use a tiny model; one tiny cascade run of the main job
+(module fixture) covers the stages, evaluation at both resolutions and the
+sample CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import shapes_cascade
+from configs import shapes_demo
+from muse_jax import masking
+from muse_jax import sampling
+from muse_jax import stages
+from muse_jax.data import records
+from muse_jax.models import conditioning
+from muse_jax.models import superres
+from muse_jax.models import transformer as tr
+from muse_jax.stages import workdir as workdir_lib
+from muse_jax.tasks import masked_transformer as mt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HR = tr.TransformerConfig(codebook_size=24, grid_size=4, text_dim=8,
+                          width=16, depth=2, num_heads=2, mlp_dim=32)
+LOW = superres.LowResConfig(codebook_size=10, grid_size=2, depth=1)
+B, L = 3, 5
+
+
+def _model(seed=0):
+  with nnx.use_eager_sharding(False):
+    return superres.SuperResTransformer(HR, LOW, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _model()
+
+
+def _condition(seed=0, batch=B):
+  rng = np.random.default_rng(seed)
+  text = conditioning.Text(
+      jnp.asarray(rng.normal(size=(batch, L, HR.text_dim)), jnp.float32),
+      jnp.asarray(np.arange(L)[None].repeat(batch, 0) < 3))
+  low = jnp.asarray(rng.integers(0, LOW.codebook_size, (batch, LOW.seq_len)),
+                    jnp.int32)
+  return conditioning.LowRes(text, low)
+
+
+def test_context_is_lowres_then_text_and_guidance_drops_text_only(model):
+  cond = _condition()
+  ctx = model.context(cond)
+  assert ctx.embeddings.shape == (B, LOW.seq_len + L, HR.width)
+  np.testing.assert_array_equal(ctx.mask[:, :LOW.seq_len], True)
+  np.testing.assert_array_equal(ctx.mask[:, LOW.seq_len:], cond.text.mask)
+  uncond = ctx.unconditional()
+  np.testing.assert_array_equal(uncond.mask[:, :LOW.seq_len], True)
+  np.testing.assert_array_equal(uncond.mask[:, LOW.seq_len:], False)
+  dropped = ctx.drop(jnp.asarray([True, False, True]))
+  np.testing.assert_array_equal(dropped.mask[1], uncond.mask[1])
+  np.testing.assert_array_equal(dropped.mask[0], ctx.mask[0])
+  pair = ctx.guidance_pair()
+  assert pair.keyed_rows is None and pair.embeddings.shape[0] == 2 * B
+  np.testing.assert_array_equal(pair.mask[B:], uncond.mask)
+
+
+def test_lowres_tokens_condition_both_guidance_branches(model):
+  cond = _condition()
+  other = conditioning.LowRes(cond.text, (cond.tokens + 1) % 10)
+  tokens = jnp.full((B, HR.seq_len), HR.mask_token_id, jnp.int32)
+  for ctx_fn in (lambda c: model.context(c),
+                 lambda c: model.context(c).unconditional()):
+    a = model(tokens, ctx_fn(cond))
+    b = model(tokens, ctx_fn(other))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+  # Unconditional logits do not depend on the text.
+  other_text = conditioning.LowRes(
+      conditioning.Text(cond.text.embeddings * 3 + 1, cond.text.mask),
+      cond.tokens)
+  np.testing.assert_allclose(
+      model(tokens, model.context(other_text).unconditional()),
+      model(tokens, model.context(cond).unconditional()), atol=1e-6)
+
+
+def test_bad_conditions_are_named(model):
+  cond = _condition()
+  with pytest.raises(TypeError, match="LowRes"):
+    model.context(cond.text)
+  with pytest.raises(ValueError, match=r"expects \[batch, 4\]"):
+    model.context(conditioning.LowRes(cond.text, cond.tokens[:, :3]))
+  with pytest.raises(ValueError, match="depth"):
+    superres.LowResConfig(codebook_size=4, grid_size=2, depth=0)
+
+
+def test_superres_sampling_invariants(model):
+  cond = _condition()
+  cfg = sampling.SamplerConfig(num_steps=3, guidance_scale=2.0)
+  a = sampling.sample(model, jax.random.key(0), cond, cfg=cfg)
+  assert not bool(jnp.any(a == HR.mask_token_id))
+  b = sampling.sample(model, jax.random.key(0), cond, cfg=cfg)
+  np.testing.assert_array_equal(a, b)
+  # Given tokens never change.
+  init = np.full((B, HR.seq_len), HR.mask_token_id, np.int32)
+  init[:, ::3] = 7
+  c = sampling.sample(model, jax.random.key(1), cond, cfg=cfg,
+                      init_tokens=jnp.asarray(init))
+  np.testing.assert_array_equal(np.asarray(c)[:, ::3], 7)
+  # The same shapes again: no new program.
+  size = sampling.sample._cache_size()  # pylint: disable=protected-access
+  sampling.sample(model, jax.random.key(2), _condition(seed=5), cfg=cfg)
+  assert sampling.sample._cache_size() == size  # pylint: disable=protected-access
+  # A negative prompt (with the same low-res image) is accepted.
+  neg = conditioning.LowRes(_condition(seed=9).text, cond.tokens)
+  d = sampling.sample(model, jax.random.key(0), cond, cfg=cfg, negative=neg)
+  assert d.shape == (B, HR.seq_len)
+
+
+@pytest.mark.parametrize("impl", ["plain", "fused"])
+def test_chunked_loss_equals_the_whole_loss(model, impl):
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(B, HR.seq_len, HR.width)),
+                         jnp.float32)
+  targets = jnp.asarray(rng.integers(0, HR.codebook_size, (B, HR.seq_len)))
+  mask = jnp.asarray(rng.random((B, HR.seq_len)) < 0.6)
+
+  def loss(f, chunk):
+    return masking.chunked_masked_cross_entropy(
+        model.head_logits, f, targets, mask, 0.1, impl, chunk)
+
+  whole, whole_acc = loss(features, 0)
+  for chunk in (4, 8):
+    part, acc = loss(features, chunk)
+    np.testing.assert_allclose(part, whole, rtol=1e-6)
+    np.testing.assert_allclose(acc, whole_acc, rtol=1e-6)
+    g_whole = jax.grad(lambda f: loss(f, 0)[0])(features)
+    g_part = jax.grad(lambda f, c=chunk: loss(f, c)[0])(features)
+    np.testing.assert_allclose(g_part, g_whole, rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="does not divide"):
+    loss(features, 5)
+
+
+def test_superres_task_trains_on_pairs():
+  from muse_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  task = mt.MaskedTransformerTask(
+      HR, optimizer_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=0),
+      mt.ObjectiveConfig(loss_chunk=8), num_steps=30, lowres=LOW)
+  with nnx.use_eager_sharding(False):
+    model = task.make_model()
+  assert isinstance(model, superres.SuperResTransformer)
+  optimizer = nnx.Optimizer(model, task.optimizer_cfg.make(30),
+                            wrt=nnx.Param)
+  cond = _condition(batch=4)
+  # High-res targets that are a function of the low-res tokens.
+  hr = jnp.repeat(jnp.repeat(cond.tokens.reshape(4, 2, 2), 2, 1), 2, 2)
+  batch = {"tokens": hr.reshape(4, -1), "lowres_tokens": cond.tokens,
+           "text_emb": cond.text.embeddings, "text_mask": cond.text.mask}
+
+  @nnx.jit
+  def step(model, optimizer, rng):
+    (loss, _), grads = nnx.value_and_grad(mt.loss_fn, has_aux=True)(
+        model, batch, rng, task.objective)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer, jax.random.key(i)))
+            for i in range(30)]
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+# ---------------------------------------------------------------------------
+# The cascade end to end (tiny).
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("cascade")
+  config = shapes_cascade.get_config("tiny")
+  config.tokenizer.adversarial.weight = 0.0
+  config.sr_tokenizer.adversarial.weight = 0.0
+  graph = stages.build(config, workdir)
+  infos = graph.run()
+  return graph, infos
+
+
+def test_cascade_stages_and_metrics_at_both_resolutions(cascade):
+  graph, infos = cascade
+  assert list(infos) == ["data", "tokenizer", "sr_tokenizer", "tokenize",
+                         "transformer", "superres", "evaluate"]
+  source = records.open_source(graph.stage_dir("tokenize"), "train")
+  rec = source[0]
+  assert np.asarray(rec["tokens"]).shape == (64,)
+  assert np.asarray(rec["hr_tokens"]).shape == (256,)
+  metrics = infos["evaluate"]["metrics"]
+  assert metrics["validation"]["image_size"] == 128
+  assert metrics["validation_base"]["image_size"] == 64
+  assert metrics["decoding_superres"]["steps"] == 2
+  grid = Image.open(graph.workdir / "samples.png")
+  assert grid.size[0] > 0
+
+
+def test_superres_sampling_keys_do_not_retrain(cascade):
+  graph, _ = cascade
+  config = shapes_cascade.get_config("tiny")
+  config.tokenizer.adversarial.weight = 0.0
+  config.sr_tokenizer.adversarial.weight = 0.0
+  config.superres.sampling.num_steps = 3
+  other = stages.build(config, graph.workdir, env=object())
+  for name in ("superres", "transformer", "tokenize"):
+    assert other.fingerprint(name) == graph.fingerprint(name)
+  assert other.fingerprint("evaluate") != graph.fingerprint("evaluate")
+
+
+def test_generator_samples_the_cascade(cascade):
+  graph, _ = cascade
+  generate = workdir_lib.load_generator(str(graph.workdir),
+                                        sr_sampling_overrides={"num_steps": 3})
+  images = generate(["a red circle", "two blue squares"], seed=0)
+  assert images.shape == (2, 128, 128, 3) and images.dtype == np.uint8
+  again = generate(["a red circle", "two blue squares"], seed=0)
+  np.testing.assert_array_equal(images, again)
+  base = workdir_lib.load_generator(str(graph.workdir), superres=False)
+  assert base(["a red circle"]).shape == (1, 64, 64, 3)
+
+
+def _sample_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "muse_jax.sample", *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=env)
+
+
+def test_sample_cli_writes_each_image_and_a_grid(cascade, tmp_path):
+  graph, _ = cascade
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a green triangle\n\n")
+  out = tmp_path / "out"
+  proc = _sample_cli(f"--workdir={graph.workdir}", "--prompt=a red circle",
+                     f"--prompts_file={prompts}", "--num_images=2",
+                     "--steps=2", "--sr_steps=2", "--guidance=1.5",
+                     "--guidance_schedule=linear", "--temperature=0.5",
+                     f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(os.listdir(out))
+  assert names == ["000_0.png", "000_1.png", "001_0.png", "001_1.png",
+                   "grid.png"]
+  assert Image.open(out / "000_0.png").size == (128, 128)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--prompt= "], "prompt 0 is empty"),
+    (["--prompt=a red circle", "--prompts_file=/nonexistent/p.txt"],
+     "/nonexistent/p.txt"),
+    (["--prompt=a red circle", "--negative_prompt="],
+     "--negative_prompt is empty"),
+])
+def test_sample_cli_bad_input_is_one_line(cascade, tmp_path, args, named):
+  graph, _ = cascade
+  proc = _sample_cli(f"--workdir={graph.workdir}", *args,
+                     f"--out={tmp_path}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert named in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sr_steps_on_a_base_workdir_is_named(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(
+      shapes_demo.get_config("tiny").to_json())
+  (workdir / "stages.json").write_text(
+      '{"tokenizer": {"dir": "x"}, "transformer": {"dir": "y"}}')
+  with pytest.raises(ValueError, match="no super-res stage"):
+    workdir_lib.load_generator(str(workdir), None, {"num_steps": 4})
