@@ -12,8 +12,9 @@ PEERS_PY := $(PEERS_VENV)/bin/python
 BENCH_OUT ?= benchmarks/results/cpu.jsonl
 BENCH_TOKENIZER_OUT ?= benchmarks/results/tokenizer_cpu.jsonl
 BENCH_TEXT_OUT ?= benchmarks/results/text_encoder_cpu.jsonl
+BENCH_SUPERRES_OUT ?= benchmarks/results/superres_cpu.jsonl
 
-.PHONY: demo test install install-dev bench bench-tokenizer bench-text-encoder clean
+.PHONY: demo test install install-dev bench bench-tokenizer bench-text-encoder bench-superres clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +68,10 @@ clean:
 bench-text-encoder: install $(PEERS_VENV)/.installed
 	$(PY) -m benchmarks.text_encoder --peers_python=$(PEERS_PY) \
 	    --out=$(BENCH_TEXT_OUT)
+
+## Super-res sampling (16x16 -> 32x32 tokens, batch 8, 8 steps, CFG): ours vs
+## lucidrains' super-res MaskGit, and multi-axis vs full attention at 64x64
+## tokens, on this CPU, one run; JSON lines.
+bench-superres: install $(PEERS_VENV)/.installed
+	$(PY) -m benchmarks.superres --peers_python=$(PEERS_PY) \
+	    --out=$(BENCH_SUPERRES_OUT)

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 # The programs: each may define flags and is run, never imported by tests.
-CLIS = ("muse_jax.main", "muse_jax.sample", "muse_jax.import_tokenizer",
+CLIS = ("muse_jax.main", "muse_jax.sample", "muse_jax.edit",
+        "muse_jax.import_tokenizer",
         "muse_jax.embed_captions", "benchmarks.bench", "benchmarks.tokenizer",
         "benchmarks.text_encoder", "benchmarks.text_encoder_aot")
 # Run by the peers' own virtual environment (PyTorch), not importable here.

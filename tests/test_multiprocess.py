@@ -20,6 +20,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/shapes_demo.py:tiny"
+# The tokenizer without its critic: the adversarial phase is tested in
+# test_stages and test_vq_task; here it would only add two compiles per
+# process.
+FLAGS = ("--config.tokenizer.adversarial.weight=0",)
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -53,11 +57,12 @@ def runs(tmp_path_factory):
   single, multi = str(root / "single"), str(root / "multi")
   proc = subprocess.run(
       [sys.executable, "-m", "muse_jax.main", f"--config={CONFIG}",
-       f"--workdir={single}"], cwd=REPO, env=_env(4), capture_output=True,
-      text=True, timeout=600)
+       f"--workdir={single}", *FLAGS], cwd=REPO, env=_env(4),
+      capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   env = dict(_env(2), PORT=str(20000 + os.getpid() % 20000))
-  proc = subprocess.run(["bash", "launch/multiprocess.sh", "2", CONFIG, multi],
+  proc = subprocess.run(["bash", "launch/multiprocess.sh", "2", CONFIG, multi,
+                         *FLAGS],
                         cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900)
   logs = "".join(open(f"{multi}.proc{i}.log").read()[-3000:] for i in (0, 1)

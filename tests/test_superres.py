@@ -282,3 +282,123 @@ def test_sr_steps_on_a_base_workdir_is_named(tmp_path):
       '{"tokenizer": {"dir": "x"}, "transformer": {"dir": "y"}}')
   with pytest.raises(ValueError, match="no super-res stage"):
     workdir_lib.load_generator(str(workdir), None, {"num_steps": 4})
+
+
+# ---------------------------------------------------------------------------
+# Multi-scale editing of a cascade workdir (muse_jax.editor, the edit CLI).
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def editor(cascade):
+  from muse_jax import editor as editor_lib  # pylint: disable=g-import-not-at-top
+  graph, _ = cascade
+  return editor_lib.Editor(workdir_lib.load_generator(str(graph.workdir),
+                                                      batch_size=1))
+
+
+def _source(editor):
+  from muse_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  return shapes.example("validation", 0, 0, (editor.size,))[
+      shapes.image_key(editor.size)]
+
+
+def test_editor_edits_at_the_cascade_resolution(editor):
+  from muse_jax import editing  # pylint: disable=g-import-not-at-top
+  assert editor.size == 128 and editor.base_size == 64
+  image = _source(editor)
+  region = editing.box_mask(128, 128, (32, 32, 96, 96))
+  a = editor.inpaint(image, region, "a red circle", seed=0)
+  assert a.shape == (128, 128, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(
+      a, editor.inpaint(image, region, "a red circle", seed=0))
+  b = editor.outpaint(image, region, "a red circle", seed=0)
+  assert b.shape == (128, 128, 3)
+  edited, steps = editor.maskfree(image, "a blue square", iterations=4,
+                                  intermediate_every=2)
+  assert edited.shape == (128, 128, 3) and len(steps) == 2
+  with pytest.raises(ValueError, match="whole image"):
+    editor.outpaint(image, np.ones((128, 128), bool), "a red circle")
+  with pytest.raises(ValueError, match=r"\(64, 64\)"):
+    editor.inpaint(image, np.ones((64, 64), bool), "a red circle")
+  with pytest.raises(ValueError, match="prompt is empty"):
+    editor.maskfree(image, "  ", iterations=2)
+
+
+def test_editor_inpainting_keeps_tokens_outside_the_region(editor,
+                                                          monkeypatch):
+  """Both resolutions' edits keep every token outside the region."""
+  from muse_jax import editing  # pylint: disable=g-import-not-at-top
+  seen = []
+  real = editing.inpaint
+
+  def recording(model, rng, condition, tokens, token_mask, **kw):
+    out = real(model, rng, condition, tokens, token_mask, **kw)
+    seen.append((np.asarray(tokens), np.asarray(token_mask),
+                 np.asarray(out)))
+    return out
+
+  monkeypatch.setattr(editing, "inpaint", recording)
+  image = _source(editor)
+  region = editing.box_mask(128, 128, (0, 0, 40, 128))
+  editor.inpaint(image, region, "a green triangle", seed=1)
+  assert [t.shape[1] for t, _, _ in seen] == [64, 256]
+  for tokens, mask, out in seen:
+    mask = np.broadcast_to(mask, tokens.shape)
+    assert mask.any() and not mask.all()
+    np.testing.assert_array_equal(out[~mask], tokens[~mask])
+
+
+def _edit_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "muse_jax.edit", *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=env)
+
+
+def test_edit_cli_inpaints_from_a_mask_file(cascade, tmp_path):
+  graph, _ = cascade
+  src = tmp_path / "src.png"
+  # A 96 px RGBA source: converted and resized with warnings.
+  Image.fromarray(np.full((96, 96, 4), 200, np.uint8)).save(src)
+  mask = np.zeros((96, 96), np.uint8)
+  mask[20:60, 20:60] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  out = tmp_path / "out.png"
+  proc = _edit_cli(f"--workdir={graph.workdir}", "--mode=inpaint",
+                   f"--image={src}", f"--mask={tmp_path / 'mask.png'}",
+                   "--prompt=a red circle", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "converted to RGB" in proc.stderr and "resized" in proc.stderr
+  assert Image.open(out).size == (128, 128)
+
+
+@pytest.mark.parametrize("kind,named", [
+    ("mask_size", "must have the image's size"),
+    ("corrupt", "cannot read image"),
+    ("missing", "not found"),
+    ("empty_prompt", "--prompt is empty"),
+    ("maskfree_box", "takes no --mask or --box"),
+    ("bad_box", "outside"),
+])
+def test_edit_cli_bad_input_is_one_line(tmp_path, kind, named):
+  src = tmp_path / "src.png"
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(src)
+  args = ["--workdir=/nonexistent", "--mode=inpaint", f"--image={src}",
+          "--prompt=a red circle", "--box=0,0,8,8"]
+  if kind == "mask_size":
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "m.png")
+    args[-1] = f"--mask={tmp_path / 'm.png'}"
+  elif kind == "corrupt":
+    src.write_bytes(b"not a png")
+  elif kind == "missing":
+    args[2] = "--image=/nonexistent/x.png"
+  elif kind == "empty_prompt":
+    args[3] = "--prompt= "
+  elif kind == "maskfree_box":
+    args[1] = "--mode=maskfree"
+  elif kind == "bad_box":
+    args[-1] = "--box=0,0,80,8"
+  proc = _edit_cli(*args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert named in proc.stderr and "Traceback" not in proc.stderr
