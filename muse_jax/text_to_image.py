@@ -74,13 +74,25 @@ class TextToImage:
   def cascade_tokens(
       self, emb: np.ndarray, mask: np.ndarray, *, seed: int = 0,
       negative: tuple[np.ndarray, np.ndarray] | None = None,
-      superres: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+      superres: bool = True, low_tokens: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray | None]:
     """(base token grids int32 [N, g, g], super-res grids [N, G, G] or
     None) for text embeddings [N, L, D]; the super-res model (when there is
-    one and `superres`) decodes from the base tokens of the same batch."""
+    one and `superres`) decodes from the base tokens of the same batch.
+
+    `low_tokens` (int [N, g, g] or [N, g*g], e.g. a real image's) replaces
+    the base model's sampling: the super-res model alone runs on them.
+    """
     n, bs = emb.shape[0], self.batch_size
     grid = self.transformer.cfg.grid_size
     sr = self.superres if superres else None
+    if low_tokens is not None:
+      low = np.asarray(low_tokens).reshape(n, -1)
+      if low.shape[1] != grid * grid:
+        raise ValueError(f"low_tokens of shape {np.shape(low_tokens)} must "
+                         f"be [{n}, {grid}, {grid}] (the base grid)")
+      if sr is None:
+        raise ValueError("low_tokens need a super-res stage")
     base_out, sr_out = [], []
     with jax.set_mesh(self.env.mesh), flax_spmd.logical_axis_rules(
         self.env.rules):
@@ -94,8 +106,12 @@ class TextToImage:
               self._put(np.broadcast_to(negative[0], e.shape)),
               self._put(np.broadcast_to(negative[1], m.shape)))
         rng = jax.random.fold_in(jax.random.key(seed), start)
-        tokens = sampling.sample(self.transformer, rng, cond,
-                                 cfg=self.sampler, negative=neg)
+        if low_tokens is None:
+          tokens = sampling.sample(self.transformer, rng, cond,
+                                   cfg=self.sampler, negative=neg)
+        else:
+          tokens = self._put(_pad_rows(
+              low[start:start + bs], bs).astype(np.int32))
         base_out.append(sharding.to_host(tokens)[:rows])
         if sr is not None:
           sr_neg = None if neg is None else conditioning.LowRes(neg, tokens)

@@ -267,3 +267,28 @@ def test_array_source_validation():
   assert len(src) == 3 and int(src[2]["a"]) == 2
   with pytest.raises(IndexError):
     src[3]
+
+
+def test_random_transform_is_reproducible_and_resumes_exactly():
+  """Augmentations (e.g. the tokenizers' random crops) are a function of
+  the seed and the example's position: replayed and resumed exactly, and
+  different in every epoch."""
+  src = pipeline.ArraySource({"label": np.arange(10)})
+  jitter = lambda r, rng: {**r, "u": rng.uniform()}
+  make = lambda: pipeline.make_iterator(src, batch_size=5, seed=4,
+                                        random_transform=jitter,
+                                        num_threads=1)
+  it = make()
+  first = [next(it) for _ in range(2)]
+  state = it.get_state()
+  expected = [next(it) for _ in range(4)]
+  resumed = make()
+  resumed.set_state(state)
+  _assert_batches_equal([next(resumed) for _ in range(4)], expected)
+  again = make()
+  _assert_batches_equal([next(again) for _ in range(2)], first)
+  draws = {}
+  for batch in first + expected[:2]:  # Two epochs.
+    for label, u in zip(batch["label"], batch["u"]):
+      draws.setdefault(int(label), []).append(float(u))
+  assert all(len(set(v)) == 2 for v in draws.values())

@@ -197,7 +197,7 @@ def cascade(tmp_path_factory):
 def test_cascade_stages_and_metrics_at_both_resolutions(cascade):
   graph, infos = cascade
   assert list(infos) == ["data", "tokenizer", "sr_tokenizer", "tokenize",
-                         "transformer", "superres", "evaluate"]
+                         "transformer", "superres", "evaluate", "edits"]
   source = records.open_source(graph.stage_dir("tokenize"), "train")
   rec = source[0]
   assert np.asarray(rec["tokens"]).shape == (64,)
@@ -206,8 +206,26 @@ def test_cascade_stages_and_metrics_at_both_resolutions(cascade):
   assert metrics["validation"]["image_size"] == 128
   assert metrics["validation_base"]["image_size"] == 64
   assert metrics["decoding_superres"]["steps"] == 2
+  quality = metrics["superres_quality"]
+  assert quality["image_size"] == 128 and quality["num_images"] == 8
+  for key in ("superres_psnr", "bicubic_psnr", "sr_tokenizer_psnr"):
+    assert 0 < quality[key] < 100
   grid = Image.open(graph.workdir / "samples.png")
   assert grid.size[0] > 0
+
+
+def test_edits_stage_scores_every_mode_and_keeps_tokens(cascade):
+  graph, infos = cascade
+  metrics = infos["edits"]["metrics"]
+  for mode in ("maskfree", "inpaint", "outpaint"):
+    assert metrics[mode]["num"] == 2
+    assert 0 <= metrics[mode]["success"] <= 1
+  for mode in ("inpaint", "outpaint"):
+    assert metrics[mode]["kept_tokens_bitwise"] == 1.0
+  assert metrics["settings"]["maskfree"]["iterations"] == 3
+  grid = Image.open(graph.workdir / "edits.png")
+  assert grid.size[0] > 0
+  assert (graph.workdir / "edits.json").exists()
 
 
 def test_superres_sampling_keys_do_not_retrain(cascade):
@@ -325,6 +343,28 @@ def test_editor_edits_at_the_cascade_resolution(editor):
     editor.maskfree(image, "  ", iterations=2)
 
 
+def test_editor_batch_rows_do_not_depend_on_the_batch(editor):
+  """A batch edit's first row equals the one-image edit, tokens and all
+  (draws depend on a row's index, never on the other rows)."""
+  from muse_jax import editing  # pylint: disable=g-import-not-at-top
+  from muse_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  images = np.stack([shapes.example("validation", i, 0, (128,))[
+      shapes.image_key(128)] for i in range(2)])
+  region = editing.box_mask(128, 128, (0, 64, 128, 128))
+  prompts = ["a red circle", "a blue square"]
+  batch = editor.inpaint_batch(images, np.stack([region] * 2), prompts,
+                               seed=3)
+  assert batch.base.shape == (2, 64) and batch.hr.shape == (2, 256)
+  one = editor.inpaint_batch(images[:1], region[None], prompts[:1], seed=3)
+  np.testing.assert_array_equal(batch.hr[0], one.hr[0])
+  np.testing.assert_array_equal(batch.images[0], one.images[0])
+  edited, _ = editor.maskfree_batch(images, prompts, iterations=2)
+  alone, _ = editor.maskfree_batch(images[:1], prompts[:1], iterations=2)
+  np.testing.assert_array_equal(edited.base[0], alone.base[0])
+  with pytest.raises(ValueError, match="one prompt per image"):
+    editor.maskfree_batch(images, prompts[:1], iterations=2)
+
+
 def test_editor_inpainting_keeps_tokens_outside_the_region(editor,
                                                           monkeypatch):
   """Both resolutions' edits keep every token outside the region."""
@@ -402,3 +442,11 @@ def test_edit_cli_bad_input_is_one_line(tmp_path, kind, named):
   proc = _edit_cli(*args)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert named in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("crop", [20, 256])
+def test_bad_tokenizer_crop_is_named(tmp_path, crop):
+  config = shapes_cascade.get_config("tiny")
+  config.sr_tokenizer.train_crop = crop
+  with pytest.raises(ValueError, match="sr_tokenizer.train_crop"):
+    stages.build(config, tmp_path, env=object())

@@ -65,9 +65,15 @@ class ArraySource:
 
 def make_dataset(source: RandomAccessSource, *, seed: int,
                  shuffle: bool = True, num_epochs: int | None = None,
-                 transform: Callable[[Any], Any] | None = None
-                 ) -> grain.MapDataset:
-  """The global, unbatched, index-addressable stream of examples."""
+                 transform: Callable[[Any], Any] | None = None,
+                 random_transform: Callable[[Any, np.random.Generator], Any]
+                 | None = None) -> grain.MapDataset:
+  """The global, unbatched, index-addressable stream of examples.
+
+  `random_transform(example, rng)` runs after `transform` with a generator
+  that grain derives from `seed` and the example's position in the stream,
+  so augmentations are reproducible and resume exactly.
+  """
   ds = grain.MapDataset.source(source)
   if shuffle:
     # Distinct per-epoch permutations derive from (seed, epoch); shuffling
@@ -76,6 +82,8 @@ def make_dataset(source: RandomAccessSource, *, seed: int,
   ds = ds.repeat(num_epochs)
   if transform is not None:
     ds = ds.map(transform)
+  if random_transform is not None:
+    ds = ds.random_map(random_transform, seed=seed)
   return ds
 
 
@@ -104,6 +112,8 @@ def process_batches(dataset: grain.MapDataset, global_batch_size: int, *,
 def make_iterator(source: RandomAccessSource, *, batch_size: int, seed: int,
                   shuffle: bool = True, num_epochs: int | None = None,
                   transform: Callable[[Any], Any] | None = None,
+                  random_transform: Callable[[Any, np.random.Generator],
+                                             Any] | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None,
                   drop_remainder: bool = True,
@@ -119,6 +129,8 @@ def make_iterator(source: RandomAccessSource, *, batch_size: int, seed: int,
     shuffle: shuffle globally (a new permutation every epoch).
     num_epochs: passes over the data; None repeats forever.
     transform: per-example function applied before batching.
+    random_transform: per-example `fn(example, rng)` after `transform`
+      (augmentation; see `make_dataset`).
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
     drop_remainder: drop a final partial batch (only matters for finite
@@ -136,7 +148,7 @@ def make_iterator(source: RandomAccessSource, *, batch_size: int, seed: int,
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   ds = make_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                    transform=transform)
+                    transform=transform, random_transform=random_transform)
   ds = process_batches(
       ds, batch_size,
       process_index=jax.process_index() if process_index is None

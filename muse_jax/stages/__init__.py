@@ -5,7 +5,7 @@
 and Muse's cascade (`config.pipeline="cascade"`):
 
   data -> tokenizer, sr_tokenizer -> tokenize -> transformer, superres
-       -> evaluate
+       -> evaluate, edits
 
 `build(config, workdir)` is the graph the main job runs; `graph.py` holds
 the machinery (fingerprints, markers, the shared stage store).
@@ -17,6 +17,7 @@ from etils import epath
 import ml_collections
 
 from muse_jax.stages import data
+from muse_jax.stages import edits
 from muse_jax.stages import env as env_lib
 from muse_jax.stages import evaluate
 from muse_jax.stages import graph
@@ -35,7 +36,7 @@ PIPELINES: dict[str, tuple[type[graph.Stage], ...]] = {
     "muse": STAGES,
     "cascade": (data.Data, tokenizer.Tokenizer, tokenizer.SrTokenizer,
                 tokenize.CascadeTokenize, transformer.Transformer,
-                superres.SuperRes, evaluate.CascadeEvaluate),
+                superres.SuperRes, evaluate.CascadeEvaluate, edits.Edits),
     "tokenizer": (data.Data, tokenizer.Tokenizer,
                   tokenizer_decoder.TokenizerDecoder,
                   tokenizer_eval.TokenizerEval),

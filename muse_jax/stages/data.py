@@ -85,9 +85,11 @@ def split_captions(config, stage_dir: epath.Path, split: str) -> list[str]:
 
 
 def image_iterator(config, stage_dir: epath.Path, split: str, *,
-                   batch_size: int, seed: int, size: int | None = None):
+                   batch_size: int, seed: int, size: int | None = None,
+                   crop: int = 0):
   """A checkpointable grain iterator of {"images": float [-1, 1]} batches
-  (shapes: rendered at side `size`, default `data.image_size`)."""
+  (shapes: rendered at side `size`, default `data.image_size`; with `crop`
+  > 0, a random `crop` x `crop` window of each, drawn per example)."""
   from muse_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   if source_name(config) == "photos":
     from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
@@ -96,10 +98,20 @@ def image_iterator(config, stage_dir: epath.Path, split: str, *,
         d.num_train, batch_size=batch_size, size=d.image_size, seed=d.seed,
         transform=lambda r: {"images": vqgan.to_unit_range(
             r[photos.IMAGE_KEY])})
-  key = shapes.image_key(size or config.data.image_size)
+  size = size or config.data.image_size
+  key = shapes.image_key(size)
+  if not 0 <= crop <= size:
+    raise ValueError(f"crop {crop} must be in [0, {size}] (the image side; "
+                     "0 = whole images)")
+  random_crop = None
+  if crop and crop < size:
+    def random_crop(example, rng: np.random.Generator):
+      top, left = rng.integers(size - crop + 1, size=2)
+      return {"images": example["images"][top:top + crop, left:left + crop]}
   return pipeline.make_iterator(
       split_source(config, stage_dir, split), batch_size=batch_size,
-      seed=seed, transform=lambda r: {"images": vqgan.to_unit_range(r[key])})
+      seed=seed, transform=lambda r: {"images": vqgan.to_unit_range(r[key])},
+      random_transform=random_crop)
 
 
 def heldout_images(config, stage_dir: epath.Path, n: int,

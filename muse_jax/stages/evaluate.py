@@ -10,7 +10,9 @@ In the cascade (`CascadeEvaluate`) the base model's tokens go on through
 the super-res model (`superres.sampling`) and the super-res tokenizer: each
 split is scored at both resolutions (`<split>` is the final, high-res
 output; `<split>_base` the base model's), and `samples.png` shows every
-prompt at both.
+prompt at both. `superres_quality` also scores the super-res model alone:
+PSNR of its output from the real low-res tokens against the real high-res
+images, beside bicubic upsampling of the base tokenizer's reconstruction.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image
 
 from muse_jax import config_types
 from muse_jax import distributed
 from muse_jax import sampling
 from muse_jax import text_to_image
 from muse_jax.data import records
+from muse_jax.data import shapes
+from muse_jax.evaluation import reconstruction
 from muse_jax.evaluation import sample_grid
 from muse_jax.evaluation import shapes_scorer
+from muse_jax.models import vqgan
 from muse_jax.stages import artifacts
+from muse_jax.stages import data as data_stage
 from muse_jax.stages import graph
 from muse_jax.stages import tokenize
 from muse_jax.text_to_image import TextToImage
@@ -128,6 +135,7 @@ class Evaluate(graph.Stage):
             f"{'' if len(outputs) == 1 else f'{images.shape[1]}px: '}{p}"
             f"{'' if s['correct'] else ' (x)'}"
             for p, s in zip(prompts[:take], scores[:take])]
+    metrics.update(self.extra_metrics(run, generate))
     seq_len = model.cfg.seq_len
     metrics["decoding"] = {
         "steps": sampler.num_steps, "tokens": seq_len,
@@ -158,10 +166,17 @@ class Evaluate(graph.Stage):
     return {"metrics": json.loads(json.dumps(metrics, default=float))}
 
 
-class CascadeEvaluate(Evaluate):
-  """`Evaluate` through the base -> super-res cascade."""
+  def extra_metrics(self, run: graph.StageRun, generate: TextToImage
+                    ) -> dict[str, Any]:
+    del run, generate
+    return {}
 
-  reads = ("tokenizer", "tokenize", "transformer", "sr_tokenizer",
+
+class CascadeEvaluate(Evaluate):
+  """`Evaluate` through the base -> super-res cascade, plus the super-res
+  model's quality on its own (`superres_quality`)."""
+
+  reads = ("data", "tokenizer", "tokenize", "transformer", "sr_tokenizer",
            "superres")
   config_keys = ("seed", "sampling", "eval", "superres.sampling")
 
@@ -169,3 +184,55 @@ class CascadeEvaluate(Evaluate):
     super().check(config)
     sr_sampler_config(config).check_codebook(
         artifacts.sr_vq_config(config).codebook_size)
+
+  def extra_metrics(self, run: graph.StageRun, generate: TextToImage
+                    ) -> dict[str, Any]:
+    return {"superres_quality": superres_quality(run, generate)}
+
+
+def superres_quality(run: graph.StageRun, generate: TextToImage
+                     ) -> dict[str, float]:
+  """PSNR at the high-res side against the real validation images of:
+  the super-res model run on the real low-res tokens (`superres_psnr`),
+  bicubic upsampling of the base tokenizer's reconstruction
+  (`bicubic_psnr`, the baseline), and the super-res tokenizer's own
+  reconstruction (`sr_tokenizer_psnr`, the ceiling)."""
+  config = run.config
+  n = run.config.eval.num_validation
+  source = records.open_source(run.inputs["tokenize"], "validation")
+  n = min(n, len(source))
+  recs = [source[i] for i in range(n)]
+  to_example = tokenize.text_example(source.manifest["max_len"])
+  examples = [to_example(r) for r in recs]
+  emb = np.stack([x["text_emb"] for x in examples]).astype(np.float32)
+  mask = np.stack([x["text_mask"] for x in examples])
+  low = np.stack([np.asarray(r["tokens"]) for r in recs])
+  hr_real = np.stack([np.asarray(r["hr_tokens"]) for r in recs])
+  size = data_stage.sr_image_size(config)
+  images = data_stage.split_source(config, run.inputs["data"],
+                                   "validation")
+  key = shapes.image_key(size)
+  real = np.stack([np.asarray(images[int(r["index"])][key]) for r in recs])
+  _, hr = generate.cascade_tokens(emb, mask, seed=config.seed,
+                                  low_tokens=low)
+  grid = generate.transformer.cfg.grid_size
+  sr_grid = generate.superres.model.cfg.grid_size
+  base_recon = generate.decode(low.reshape(n, grid, grid))
+  bicubic = np.stack([np.asarray(Image.fromarray(x).resize(
+      (size, size), Image.BICUBIC)) for x in base_recon])
+  def psnr(images: np.ndarray) -> float:
+    return reconstruction.mean_psnr(vqgan.to_unit_range(real),
+                                    vqgan.to_unit_range(images))
+
+  out = {
+      "num_images": n, "image_size": size,
+      "superres_psnr": psnr(generate.decode_superres(hr)),
+      "bicubic_psnr": psnr(bicubic),
+      "sr_tokenizer_psnr": psnr(generate.decode_superres(
+          hr_real.reshape(n, sr_grid, sr_grid))),
+  }
+  out["gain_db"] = out["superres_psnr"] - out["bicubic_psnr"]
+  if distributed.is_leader():
+    print("[evaluate] super-res from real low-res tokens: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in out.items()), flush=True)
+  return out

@@ -10,7 +10,9 @@ Config section `tokenizer`: `model` (`VQConfig`), `loss` (`LossConfig`),
 `perceptual.vgg16_path` (a torchvision VGG16 state dict; without it the
 perceptual loss is off, with a message), `adversarial`
 (`AdversarialConfig`), `discriminator` (`DiscriminatorConfig`),
-`disc_optimizer`, `ema_decay`, `optimizer`, `loop`, `batch_size`.
+`disc_optimizer`, `ema_decay`, `optimizer`, `loop`, `batch_size`, and
+optionally `train_crop` (train on random windows of that side; 0 = whole
+images).
 """
 
 from __future__ import annotations
@@ -102,12 +104,14 @@ class Tokenizer(graph.Stage):
     artifacts.grid_size(config)
     if config.tokenizer.batch_size < 1:
       raise ValueError("tokenizer.batch_size must be >= 1")
+    check_crop(config, "tokenizer", config.data.image_size)
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, t = run.config, run.config.tokenizer
     task, loop = make_task(
         config, perceptual=perceptual_network(t, say=loop_lib.say))
-    return train_tokenizer(self.name, run, task, loop, t.batch_size)
+    return train_tokenizer(self.name, run, task, loop, t.batch_size,
+                           crop=t.get("train_crop", 0))
 
 
 class SrTokenizer(graph.Stage):
@@ -124,6 +128,7 @@ class SrTokenizer(graph.Stage):
     artifacts.sr_grid_size(config)
     if config.sr_tokenizer.batch_size < 1:
       raise ValueError("sr_tokenizer.batch_size must be >= 1")
+    check_crop(config, "sr_tokenizer", data_stage.sr_image_size(config))
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, t = run.config, run.config.sr_tokenizer
@@ -131,18 +136,35 @@ class SrTokenizer(graph.Stage):
         config, perceptual=perceptual_network(t, say=loop_lib.say),
         section="sr_tokenizer")
     return train_tokenizer(self.name, run, task, loop, t.batch_size,
-                           size=data_stage.sr_image_size(config))
+                           size=data_stage.sr_image_size(config),
+                           crop=t.get("train_crop", 0))
+
+
+def check_crop(config, section: str, size: int) -> None:
+  """`<section>.train_crop` (0 = whole images) is a window of the images
+  that the tokenizer's downsampling factor divides."""
+  crop = config[section].get("train_crop", 0)
+  f = config_types.dataclass_from_config(
+      vqgan.VQConfig, config[section].model).downsample_factor
+  if crop and (not 0 < crop <= size or crop % f):
+    raise ValueError(f"{section}.train_crop={crop} must be 0 (whole "
+                     f"images) or a multiple of the tokenizer's factor {f} "
+                     f"no larger than the {size} px images")
 
 
 def train_tokenizer(name: str, run: graph.StageRun, task: vq_task.VQTask,
                     loop: loop_lib.LoopConfig, batch_size: int,
-                    size: int | None = None) -> dict[str, Any]:
+                    size: int | None = None, crop: int = 0
+                    ) -> dict[str, Any]:
   """Trains `task` on the data stage's train images (rendered at `size`,
-  default `data.image_size`); held-out metrics."""
+  default `data.image_size`; random `crop`-pixel windows of them when
+  `crop` > 0: the tokenizer is fully convolutional, so it trains on small
+  windows at a fraction of the cost and encodes whole images); held-out
+  metrics on whole images."""
   config = run.config
   data = data_stage.image_iterator(config, run.inputs["data"], "train",
                                    batch_size=batch_size, seed=config.seed,
-                                   size=size)
+                                   size=size, crop=crop)
   images = vqgan.to_unit_range(data_stage.heldout_images(
       config, run.inputs["data"], HELDOUT_IMAGES, size=size))
   hook = vq_task.codebook_usage_hook(np.array_split(images, 4),
