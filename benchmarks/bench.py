@@ -23,9 +23,7 @@ on. --table_out writes the markdown table of benchmarks/table.py.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -72,20 +70,6 @@ IMPL = ours.IMPL
 METRIC = {"sample": "images_per_s", "train": "tokens_per_s"}
 
 
-def _git_commit() -> str | None:
-  try:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-        text=True, check=True).stdout.strip() + (
-            "+dirty" if subprocess.run(
-                # Our own results files do not make the code dirty.
-                ["git", "status", "--porcelain", "--untracked-files=no",
-                 "--", ".", ":(exclude)benchmarks/results"],
-                capture_output=True, text=True).stdout.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def _run_peers(peaks: dict[str, float], emit, names: list[str]
                ) -> list[dict[str, Any]]:
   """Runs run_peers.py in the peers' venv, relaying its JSON lines."""
@@ -104,25 +88,7 @@ def _run_peers(peaks: dict[str, float], emit, names: list[str]
          f"--peak_flops_per_s={peaks.get('float32', 0.0)}",
          f"--peak_bf16_flops_per_s={peaks.get('bfloat16', 0.0)}",
          f"--lucid_flash={int(_LUCID_FLASH.value)}"]
-  timing.log("running peers: " + " ".join(cmd))
-  records = []
-  # stderr (progress, tracebacks) goes straight to ours; stdout is JSON.
-  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-    for line in proc.stdout:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        timing.log(f"[peers] {line}")
-        continue
-      records.append(rec)
-      emit(rec)
-  if proc.returncode:
-    emit(dict(impl="peers", what="error", error=f"run_peers exited with "
-              f"{proc.returncode}"))
-  return records
+  return timing.run_peer(cmd, emit, "peers")
 
 
 def ratio_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,15 +121,8 @@ def main(argv) -> None:
   bad = sorted(set(_WHAT.value) - set(METRIC))
   if bad:
     raise app.UsageError(f"--what: {bad} not in {sorted(METRIC)}")
-  out = None
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    out = open(_OUT.value, "w")
-  records: list[dict[str, Any]] = []
-
-  def emit(rec):
-    records.append(rec)
-    timing.emit(rec, out)
+  emit = timing.Recorder(_OUT.value)
+  records = emit.records
 
   device = peak_lib.device_name()
   has_bf16, evidence = peak_lib.native_bf16()
@@ -181,7 +140,7 @@ def main(argv) -> None:
   emit(dict(what="meta", impl="bench", loadavg_1m=load,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
-            git_commit=_git_commit(), device=device,
+            git_commit=timing.git_commit(), device=device,
             jax_version=jax.__version__, python=sys.version.split()[0],
             command=" ".join(sys.argv), configs=names,
             native_bf16=has_bf16, native_bf16_evidence=evidence))
@@ -226,8 +185,7 @@ def main(argv) -> None:
     emit(rec)
   emit(dict(what="done", impl="bench", wall_s=time.perf_counter() - t_start,
             loadavg_1m=os.getloadavg()[0]))
-  if out is not None:
-    out.close()
+  emit.close()
   if _TABLE_OUT.value:
     os.makedirs(os.path.dirname(_TABLE_OUT.value) or ".", exist_ok=True)
     with open(_TABLE_OUT.value, "w") as f:

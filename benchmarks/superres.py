@@ -52,7 +52,6 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -436,34 +435,15 @@ def run_peer(peers_python: str, cfg: configs.BenchConfig, lowres_grid: int,
          f"--lowres_grid={lowres_grid}", f"--repeats={repeats}",
          f"--forward_repeats={forward_repeats}",
          f"--warmup_steps={warmup_steps}", f"--flash={int(flash)}"]
-  timing.log("running lucidrains: " + " ".join(cmd[:3]) + " ...")
-  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-    for line in proc.stdout:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        emit(json.loads(line))
-      except json.JSONDecodeError:
-        timing.log(f"[peers] {line}")
-  if proc.returncode:
-    emit(dict(impl="peers", what="error",
-              error=f"{PEER_MODULE} exited with {proc.returncode}"))
+  timing.run_peer(cmd, emit, "lucidrains")
 
 
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
   t_start = time.perf_counter()
-  out = None
-  if f.out:
-    os.makedirs(os.path.dirname(f.out) or ".", exist_ok=True)
-    out = open(f.out, "w")
-  records: list[dict[str, Any]] = []
-
-  def emit(rec):
-    records.append(rec)
-    timing.emit(rec, out)
+  emit = timing.Recorder(f.out)
+  records = emit.records
 
   cfg = dataclasses.replace(SR, batch=f.batch, sample_steps=f.steps,
                             guidance_scale=f.guidance_scale)
@@ -515,8 +495,7 @@ def main(argv) -> None:
   emit(dict(what="done", impl="bench-superres",
             wall_s=time.perf_counter() - t_start,
             loadavg_1m=os.getloadavg()[0]))
-  if out is not None:
-    out.close()
+  emit.close()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -177,34 +176,14 @@ def run_peers(directory: pathlib.Path, captions_file: pathlib.Path, emit
          f"--name={PRESET}", f"--batch={_BATCH.value}",
          f"--max_len={_MAX_LEN.value}", f"--repeats={_REPEATS.value}",
          f"--threads={_THREADS.value}"]
-  timing.log("running transformers: " + " ".join(cmd[:3]) + " ...")
-  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-    for line in proc.stdout:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        emit(json.loads(line))
-      except json.JSONDecodeError:
-        timing.log(f"[peers] {line}")
-  if proc.returncode:
-    emit(dict(impl="peers", what="error",
-              error=f"benchmarks.peers.t5_encoder exited with "
-              f"{proc.returncode}"))
+  timing.run_peer(cmd, emit, "transformers")
 
 
 def main(argv) -> None:
   del argv
   t_start = time.perf_counter()
-  out = None
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    out = open(_OUT.value, "w")
-  records: list[dict[str, Any]] = []
-
-  def emit(rec):
-    records.append(rec)
-    timing.emit(rec, out)
+  emit = timing.Recorder(_OUT.value)
+  records = emit.records
 
   device = f"cpu: {timing.cpu_name()}"
   load = os.getloadavg()[0]
@@ -252,8 +231,7 @@ def main(argv) -> None:
   emit(dict(what="done", impl="bench-text-encoder",
             wall_s=time.perf_counter() - t_start,
             loadavg_1m=os.getloadavg()[0]))
-  if out is not None:
-    out.close()
+  emit.close()
 
 
 if __name__ == "__main__":

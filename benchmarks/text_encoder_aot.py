@@ -61,11 +61,7 @@ def main(argv) -> None:
   from muse_jax import sharding  # pylint: disable=g-import-not-at-top
   from muse_jax.text_encoders import t5  # pylint: disable=g-import-not-at-top
 
-  out = None
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    out = open(_OUT.value, "w")
-  emit = lambda rec: timing.emit(rec, out)
+  emit = timing.Recorder(_OUT.value)
 
   axes = [(name, int(size)) for name, size in
           (item.split(":") for item in _MESH.value.split(","))]
@@ -135,8 +131,7 @@ def main(argv) -> None:
   emit(dict(what="memory_per_device", preset=_PRESET.value,
             lower_s=round(lower_s, 2), compile_s=round(compile_s, 2),
             **per_dev, total_bytes=peak, total_gib=round(peak / 2**30, 3)))
-  if out is not None:
-    out.close()
+  emit.close()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, TextIO
@@ -101,6 +102,22 @@ def cpu_name() -> str:
   return f"{name} ({os.cpu_count()} cores)"
 
 
+def git_commit() -> str | None:
+  """The short commit, "+dirty" when tracked files differ from it (our
+  own results files do not count)."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+         ":(exclude)benchmarks/results"],
+        capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+dirty" if dirty else "")
+
+
 def max_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -118,3 +135,50 @@ def emit(record: dict[str, Any], out: TextIO | None = None) -> None:
 def log(msg: str) -> None:
   """Progress messages go to stderr, so stdout stays JSON lines."""
   print(msg, file=sys.stderr, flush=True)
+
+
+class Recorder:
+  """Collects a run's records; each is also printed as one JSON line and
+  written to the file `path` (when given; its folder is created)."""
+
+  def __init__(self, path: str | None = None):
+    self.records: list[dict[str, Any]] = []
+    self._out = None
+    if path:
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+      self._out = open(path, "w")
+
+  def __call__(self, record: dict[str, Any]) -> None:
+    self.records.append(record)
+    emit(record, self._out)
+
+  def close(self) -> None:
+    if self._out is not None:
+      self._out.close()
+      self._out = None
+
+
+def run_peer(cmd: list[str], record: Callable[[dict[str, Any]], None],
+             name: str) -> list[dict[str, Any]]:
+  """Runs a peer's benchmark process (`name` in messages): every JSON line
+  it prints is recorded, other lines are logged; a failure becomes an
+  error record. The peer's stderr goes straight to ours."""
+  log(f"running {name}: " + " ".join(cmd[:3]) + " ...")
+  records = []
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+    for line in proc.stdout:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        log(f"[{name}] {line}")
+        continue
+      records.append(rec)
+      record(rec)
+  if proc.returncode:
+    record(dict(impl="peers", what="error",
+                error=f"{name} ({' '.join(cmd[1:3])}) exited with "
+                f"{proc.returncode}"))
+  return records

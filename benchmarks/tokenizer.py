@@ -25,11 +25,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
-from typing import Any
 
 from absl import app
 from absl import flags
@@ -57,21 +55,6 @@ _THREADS = flags.DEFINE_integer(
 NAME = "amused-f16"
 
 
-def _git_commit() -> str | None:
-  """The short commit, "+dirty" when tracked files differ from it."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-         ":(exclude)benchmarks/results"],
-        capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return commit + ("+dirty" if dirty else "")
-
-
 def _versions() -> dict[str, str]:
   import flax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -89,20 +72,7 @@ def _run_peers(emit, what: str) -> None:
          f"--name={NAME}", f"--batch={_BATCH.value}", f"--size={_SIZE.value}",
          f"--repeats={_REPEATS.value}", f"--seed={_SEED.value}",
          f"--threads={_THREADS.value}", f"--whats={what}"]
-  timing.log("running diffusers: " + " ".join(cmd[:3]) + " ...")
-  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-    for line in proc.stdout:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        emit(json.loads(line))
-      except json.JSONDecodeError:
-        timing.log(f"[peers] {line}")
-  if proc.returncode:
-    emit(dict(impl="peers", what="error",
-              error=f"benchmarks.peers.tokenizer exited with "
-              f"{proc.returncode}"))
+  timing.run_peer(cmd, emit, "diffusers")
 
 
 def main(argv) -> None:
@@ -111,15 +81,8 @@ def main(argv) -> None:
   bad = sorted(set(_WHAT.value) - set(tokenizer_ours.WHATS))
   if bad:
     raise app.UsageError(f"--what: {bad} not in {tokenizer_ours.WHATS}")
-  out = None
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    out = open(_OUT.value, "w")
-  records: list[dict[str, Any]] = []
-
-  def emit(rec):
-    records.append(rec)
-    timing.emit(rec, out)
+  emit = timing.Recorder(_OUT.value)
+  records = emit.records
 
   device = f"cpu: {timing.cpu_name()}"
   load = os.getloadavg()[0]
@@ -129,7 +92,7 @@ def main(argv) -> None:
   emit(dict(what="meta", impl="bench-tokenizer", loadavg_1m=load,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
-            git_commit=_git_commit(),
+            git_commit=timing.git_commit(),
             device=device, jax_device=str(jax.devices()[0]),
             python=sys.version.split()[0], command=" ".join(sys.argv),
             config=NAME, diffusers_config=layout.AMUSED_CONFIG,
@@ -167,8 +130,7 @@ def main(argv) -> None:
   emit(dict(what="done", impl="bench-tokenizer",
             wall_s=time.perf_counter() - t_start,
             loadavg_1m=os.getloadavg()[0]))
-  if out is not None:
-    out.close()
+  emit.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-r"""The embedded default: the whole Muse pipeline on the shapes dataset, CPU.
+r"""The base pipeline on the shapes dataset (64 px), CPU.
+
+`make demo` runs Muse's cascade, `configs/shapes_cascade.py`, which is this
+recipe plus the super-res stage; this config alone trains and scores the
+base model only.
 
 Stages (muse_jax.stages): build the procedural shapes dataset
 (TFDS/array_record) -> train the f=8 conv VQ tokenizer (64 px -> 8x8
@@ -8,7 +12,7 @@ into ArrayRecord shards -> train the base masked transformer (QK-norm,
 parallel decoding (4 tokens fixed per step on average) and constant
 classifier-free guidance, score them, write samples.png and metrics.json.
 
-COMMAND (what `make demo` runs):
+COMMAND:
   python -m muse_jax.main --config=configs/shapes_demo.py \
       --workdir=workdir/shapes_demo
 Smoke-size variant (tests): --config=configs/shapes_demo.py:tiny

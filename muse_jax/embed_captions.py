@@ -23,7 +23,6 @@ the manifest. Prints each shard's captions/s and a summary.
 from __future__ import annotations
 
 import copy
-import sys
 
 from absl import app
 from absl import flags
@@ -31,6 +30,8 @@ from absl import logging
 from etils import epath
 import ml_collections
 from ml_collections import config_flags
+
+from muse_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]); its "
@@ -136,11 +137,7 @@ def main(argv):
 
 def run():
   from muse_jax.text_encoders import cache  # pylint: disable=g-import-not-at-top
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, cache.CacheError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main, errors=(ValueError, FileNotFoundError, cache.CacheError))
 
 
 if __name__ == "__main__":

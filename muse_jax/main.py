@@ -21,10 +21,11 @@ import os
 import sys
 import tempfile
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from muse_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -109,12 +110,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
-  try:
-    app.run(main, flags_parser=parse_flags)
-  except (ValueError, PermissionError, FileNotFoundError, RuntimeError,
-          KeyError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main, errors=cli.USER_ERRORS + (FloatingPointError,),
+          flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ images.
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from muse_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained experiment workdir.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Text prompt (repeat).")
@@ -102,11 +102,7 @@ def main(argv):
 
 
 def run():
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main)
 
 
 if __name__ == "__main__":

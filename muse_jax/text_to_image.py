@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 from flax.core import spmd as flax_spmd
 import jax
-import jax.numpy as jnp
 import dataclasses
 
 import numpy as np

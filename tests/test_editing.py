@@ -15,6 +15,9 @@ from muse_jax import sampling
 from muse_jax.models import conditioning
 from muse_jax.models import transformer as tr
 
+import recorder
+from recorder import RecordingTransformer
+
 CFG = tr.TransformerConfig(codebook_size=16, grid_size=8, text_dim=8,
                            width=32, depth=1, num_heads=2, mlp_dim=64)
 MASK_ID = CFG.mask_token_id
@@ -27,20 +30,8 @@ EDIT = dict(fraction=0.08, iterations=8, guidance_scale=4.0, top_k=3)
 K = 5
 
 
-class RecordingTransformer(tr.MaskedTransformer):
-  """Reports the tokens each forward pass receives."""
-
-  calls: list[np.ndarray] = []
-
-  def features(self, tokens, kv):
-    jax.debug.callback(
-        lambda t: RecordingTransformer.calls.append(np.asarray(t)), tokens)
-    return super().features(tokens, kv)
-
-
 def _make(cls=tr.MaskedTransformer, seed=0):
-  with nnx.use_eager_sharding(False):
-    return cls(CFG, rngs=nnx.Rngs(seed))
+  return recorder.make(CFG, cls, seed)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ from muse_jax.models import conditioning
 from muse_jax.models import transformer as tr
 from muse_jax import sampling
 
+import recorder
+from recorder import RecordingTransformer
+
 CFG = tr.TransformerConfig(codebook_size=16, grid_size=4, text_dim=8,
                            width=16, depth=2, num_heads=2, mlp_dim=32)
 MASK_ID = CFG.mask_token_id
@@ -23,20 +26,8 @@ BATCH = 2
 BASE = sampling.SamplerConfig(num_steps=4, guidance_scale=2.0)
 
 
-class RecordingTransformer(tr.MaskedTransformer):
-  """Reports the tokens each decoding step's forward receives."""
-
-  calls: list[np.ndarray] = []
-
-  def features(self, tokens, kv):
-    jax.debug.callback(
-        lambda t: RecordingTransformer.calls.append(np.asarray(t)), tokens)
-    return super().features(tokens, kv)
-
-
 def _make(cls=tr.MaskedTransformer, seed=0):
-  with nnx.use_eager_sharding(False):
-    return cls(CFG, rngs=nnx.Rngs(seed))
+  return recorder.make(CFG, cls, seed)
 
 
 @pytest.fixture(scope="module")

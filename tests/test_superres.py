@@ -7,6 +7,7 @@ sample CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -37,14 +38,16 @@ LOW = superres.LowResConfig(codebook_size=10, grid_size=2, depth=1)
 B, L = 3, 5
 
 
-def _model(seed=0):
+def _model(seed=0, aligned=False):
+  low = dataclasses.replace(LOW, aligned=aligned)
   with nnx.use_eager_sharding(False):
-    return superres.SuperResTransformer(HR, LOW, rngs=nnx.Rngs(seed))
+    return superres.SuperResTransformer(HR, low, rngs=nnx.Rngs(seed))
 
 
-@pytest.fixture(scope="module")
-def model():
-  return _model()
+@pytest.fixture(scope="module", params=[False, True],
+                ids=["cross_attention", "aligned"])
+def model(request):
+  return _model(aligned=request.param)
 
 
 def _condition(seed=0, batch=B):
@@ -72,6 +75,16 @@ def test_context_is_lowres_then_text_and_guidance_drops_text_only(model):
   pair = ctx.guidance_pair()
   assert pair.keyed_rows is None and pair.embeddings.shape[0] == 2 * B
   np.testing.assert_array_equal(pair.mask[B:], uncond.mask)
+  if model.lowres_cfg.aligned:
+    # Every high-res token of a 2x2 block gets its low-res token's features,
+    # in both guidance branches.
+    grid = np.asarray(ctx.aligned).reshape(B, 2, 2, 2, 2, HR.width)
+    np.testing.assert_array_equal(grid, np.broadcast_to(
+        grid[:, :, :1, :, :1], grid.shape))
+    assert len({grid[0, i, 0, j, 0, 0] for i in (0, 1) for j in (0, 1)}) == 4
+    np.testing.assert_array_equal(pair.aligned[B:], ctx.aligned)
+  else:
+    assert ctx.aligned is None
 
 
 def test_lowres_tokens_condition_both_guidance_branches(model):

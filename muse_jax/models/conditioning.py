@@ -86,6 +86,11 @@ class Context:
     keyed_rows: static; when set, the batch has `keyed_rows` more rows than
       `embeddings` (which holds only the first `keyed_rows`), and the rows
       after them attend nothing (see the module docstring).
+    aligned: [B, N, D] or None. Features on the image token grid itself,
+      added to the token embeddings (e.g. super-res: the low-res encoder's
+      output upsampled onto the high-res grid). Part of every branch,
+      unconditional included; with `keyed_rows` it holds the first rows
+      only, like `embeddings`, and the further rows reuse them.
   """
 
   embeddings: jax.Array
@@ -93,6 +98,7 @@ class Context:
   keep_unconditional: jax.Array | None = None
   keyed_rows: int | None = flax.struct.field(pytree_node=False,
                                              default=None)
+  aligned: jax.Array | None = None
 
   @property
   def batch_size(self) -> int:
@@ -145,8 +151,14 @@ def concat_rows(a: Context, b: Context) -> Context:
   keep = None
   if a.keep_unconditional is not None or b.keep_unconditional is not None:
     keep = jnp.concatenate([_keep(a), _keep(b)], axis=0)
+  if (a.aligned is None) != (b.aligned is None):
+    raise ValueError("concat_rows: only one of the contexts has aligned "
+                     "features")
+  aligned = (None if a.aligned is None else
+             jnp.concatenate([a.aligned, b.aligned], axis=0))
   return Context(jnp.concatenate([a.embeddings, b.embeddings], axis=0),
-                 jnp.concatenate([a.mask, b.mask], axis=0), keep)
+                 jnp.concatenate([a.mask, b.mask], axis=0), keep,
+                 aligned=aligned)
 
 
 def concat(*contexts: Context) -> Context:
@@ -156,8 +168,12 @@ def concat(*contexts: Context) -> Context:
   keep = None
   if any(c.keep_unconditional is not None for c in contexts):
     keep = jnp.concatenate([_keep(c) for c in contexts], axis=1)
+  aligned = [c.aligned for c in contexts if c.aligned is not None]
+  if len(aligned) > 1:
+    raise ValueError("concat: more than one context has aligned features")
   return Context(jnp.concatenate([c.embeddings for c in contexts], axis=1),
-                 jnp.concatenate([c.mask for c in contexts], axis=1), keep)
+                 jnp.concatenate([c.mask for c in contexts], axis=1), keep,
+                 aligned=aligned[0] if aligned else None)
 
 
 def _keep(c: Context) -> jax.Array:

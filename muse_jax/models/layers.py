@@ -18,8 +18,9 @@ same in both, so a checkpoint trained with one runs with the other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import math
+from typing import Any
 
 from flax import nnx
 import jax
@@ -376,3 +377,51 @@ class Attention(nnx.Module):
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     out = multi_axis_lib.attend(q, k, v, core=core, **kw)
     return self.out(jnp.swapaxes(out, 1, 2))
+
+
+# --- Layer stacks. ---
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int,
+            rngs: nnx.Rngs) -> nnx.Module:
+  """`depth` layers `make(rngs)` as one module whose parameters carry a
+  leading "layers" axis (each layer with its own random init): what
+  `apply_stacked` scans over, one compiled layer body for any depth."""
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(rngs):
+    return make(rngs)
+
+  return build(rngs)
+
+
+def apply_stacked(stack: nnx.Module, body: Callable[..., jax.Array],
+                  x: jax.Array, per_layer: Any = (), *, scan: bool = True,
+                  remat_policy: Callable[..., Any] | None = None,
+                  remat: bool = False) -> jax.Array:
+  """x after `body(layer, x, *inputs)` for every layer of a `stacked` stack.
+
+  `per_layer` is a tuple of arrays with a leading layer axis (e.g. each
+  layer's cross-attention keys); layer i gets their i-th slices. `scan`
+  runs one `jax.lax.scan` (else an unrolled Python loop, same values);
+  `remat` recomputes each layer in the backward pass, saving what
+  `remat_policy` allows (`jax.checkpoint`'s policy; None saves nothing).
+  """
+  graphdef, state = nnx.split(stack)
+
+  def step(h, xs):
+    layer_state, inputs = xs
+    return body(nnx.merge(graphdef, layer_state), h, *inputs), None
+
+  if remat:
+    step = jax.checkpoint(step, policy=remat_policy)
+  if scan:
+    x, _ = jax.lax.scan(step, x, (state, tuple(per_layer)))
+    return x
+  depth = jax.tree.leaves(state)[0].shape[0]
+  for i in range(depth):
+    x, _ = step(x, jax.tree.map(lambda a, i=i: a[i],
+                                (state, tuple(per_layer))))
+  return x

@@ -13,6 +13,14 @@ marked `keep_unconditional`, so the unconditional branch (training's 10%
 text dropout, the sampler's guidance pair) still sees the low-res image.
 The context is computed once per request; every decoding step reuses its
 keys/values (`MaskedTransformer.context_kv`).
+
+With `LowResConfig.aligned` the encoder's output is also projected,
+upsampled onto the high-res grid and added to the high-res token
+embeddings (`conditioning.Context.aligned`), so each high-res token starts
+from the low-res token it refines; cross-attention to the context is
+unchanged. Without it a small model trained briefly learns the low-res ->
+high-res alignment poorly (shapes demo: sampled high-res images lost their
+objects' positions), since both grids' positions are learned embeddings.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ class LowResConfig:
   codebook_size: int  # the base tokenizer's codebook.
   grid_size: int  # low-res tokens per side.
   depth: int = 16
+  # Also add the encoder's output, projected and upsampled onto the
+  # high-res grid, to the high-res token embeddings (`Context.aligned`):
+  # each high-res token starts from the low-res token above it instead of
+  # having to learn where that is through cross-attention.
+  aligned: bool = False
 
   def __post_init__(self):
     for name in ("codebook_size", "grid_size", "depth"):
@@ -91,13 +104,8 @@ class LowResEncoder(nnx.Module):
             ("positions", "embed"))(
                 rngs.params(), (lowres.seq_len, d), kw["param_dtype"]))
 
-    @nnx.split_rngs(splits=lowres.depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return EncoderBlock(cfg, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
+    self.blocks = layers.stacked(lambda r: EncoderBlock(cfg, rngs=r),
+                                 lowres.depth, rngs)
     self.final_norm = layers.LayerNorm(d, rngs=rngs, **kw)
 
   def __call__(self, tokens: jax.Array) -> conditioning.Context:
@@ -109,19 +117,8 @@ class LowResEncoder(nnx.Module):
     x = self.token_embed(tokens.astype(jnp.int32)) + self.pos_embed[
         ...].astype(self.token_embed.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
-    graphdef, state = nnx.split(self.blocks)
-
-    def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h), None
-
-    if self.cfg.remat_policy != "none":
-      body = jax.checkpoint(
-          body, policy=transformer_lib.REMAT_POLICIES[self.cfg.remat_policy])
-    if self.cfg.scan_layers:
-      x, _ = jax.lax.scan(body, x, state)
-    else:
-      for i in range(self.lowres.depth):
-        x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+    x = layers.apply_stacked(self.blocks, lambda block, h: block(h), x,
+                             **self.cfg.stack_kwargs)
     x = self.final_norm(x)
     valid = jnp.ones(tokens.shape, bool)
     return conditioning.Context(x, valid, keep_unconditional=valid)
@@ -140,6 +137,17 @@ class SuperResTransformer(transformer_lib.MaskedTransformer):
     super().__init__(cfg, rngs=rngs)
     self.lowres_cfg = lowres
     self.lowres_encoder = LowResEncoder(cfg, lowres, rngs=rngs)
+    self.aligned_proj = nnx.data(None)
+    if lowres.aligned:
+      if cfg.grid_size % lowres.grid_size:
+        raise ValueError(
+            f"LowResConfig.aligned needs the high-res grid ({cfg.grid_size})"
+            f" to be a multiple of the low-res grid ({lowres.grid_size})")
+      self.aligned_proj = layers.Einsum(
+          "bnd,de->bne", (cfg.width, cfg.width), ("mlp", "embed"),
+          rngs=rngs, use_bias=True, impl=cfg.matmul_impl,
+          dtype=dtype_from_name(cfg.dtype),
+          param_dtype=dtype_from_name(cfg.param_dtype))
 
   def context(self, condition: conditioning.LowRes) -> conditioning.Context:
     """[low-res encoder output; projected text]: guidance drops the text."""
@@ -147,5 +155,15 @@ class SuperResTransformer(transformer_lib.MaskedTransformer):
       raise TypeError(
           "the super-res model is conditioned on conditioning.LowRes(text, "
           f"low-res tokens), got {type(condition).__name__}")
-    return conditioning.concat(self.lowres_encoder(condition.tokens),
-                               self.conditioner(condition.text))
+    lowres = self.lowres_encoder(condition.tokens)
+    context = conditioning.concat(lowres, self.conditioner(condition.text))
+    if self.aligned_proj is None:
+      return context
+    g, f = self.lowres_cfg.grid_size, self.cfg.grid_size // (
+        self.lowres_cfg.grid_size)
+    x = self.aligned_proj(lowres.embeddings)
+    b, _, d = x.shape
+    x = x.reshape(b, g, 1, g, 1, d)
+    x = jnp.broadcast_to(x, (b, g, f, g, f, d)).reshape(b, g * f * g * f, d)
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    return context.replace(aligned=x)

@@ -118,6 +118,12 @@ class TransformerConfig:
     return self.grid_size**2
 
   @property
+  def stack_kwargs(self) -> dict[str, object]:
+    """How `layers.apply_stacked` runs this model's layer stacks."""
+    return dict(scan=self.scan_layers, remat=self.remat_policy != "none",
+                remat_policy=REMAT_POLICIES[self.remat_policy])
+
+  @property
   def multi_axis(self) -> tuple[int, int, int] | None:
     """The image self-attention's `layers.Attention(multi_axis=...)`."""
     if self.self_attention != "multi_axis":
@@ -131,13 +137,16 @@ class ContextKV:
 
   keys, values: [depth, B', ...] in the attention impl's layout; mask:
   [B', S]; `keyed_rows` as in `conditioning.Context` (B' = keyed_rows rows
-  have keys, the batch's further rows attend nothing).
+  have keys, the batch's further rows attend nothing); `aligned` the
+  context's features on the token grid ([B', N, D] or None), added to the
+  token embeddings.
   """
 
   keys: jax.Array
   values: jax.Array
   mask: jax.Array
   keyed_rows: int | None = flax.struct.field(pytree_node=False, default=None)
+  aligned: jax.Array | None = None
 
 
 class Block(nnx.Module):
@@ -204,13 +213,8 @@ class MaskedTransformer(nnx.Module):
     self.conditioner = conditioning.TextConditioner(
         cfg.text_dim, d, rngs=rngs, matmul_impl=cfg.matmul_impl, **kw)
 
-    @nnx.split_rngs(splits=cfg.depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
+    self.blocks = layers.stacked(lambda r: Block(cfg, rngs=r), cfg.depth,
+                                 rngs)
     self.final_norm = layers.LayerNorm(d, rngs=rngs, **kw)
     # Muse's output head: an MLP from each embedding to codebook logits.
     self.head_dense = layers.Einsum(
@@ -239,7 +243,8 @@ class MaskedTransformer(nnx.Module):
       outs = [kv(jax.tree.map(lambda a, i=i: a[i], state))
               for i in range(self.cfg.depth)]
       keys, values = (jnp.stack(parts) for parts in zip(*outs))
-    return ContextKV(keys, values, context.mask, context.keyed_rows)
+    return ContextKV(keys, values, context.mask, context.keyed_rows,
+                     context.aligned)
 
   def features(self, tokens: jax.Array, kv: ContextKV) -> jax.Array:
     """The output head's last hidden states [B, N, D], before `head_logits`.
@@ -258,22 +263,16 @@ class MaskedTransformer(nnx.Module):
                        f"conditions {rows}")
     x = self.token_embed(tokens) + self.pos_embed[...].astype(
         self.token_embed.dtype)
+    if kv.aligned is not None:
+      aligned = kv.aligned.astype(x.dtype)
+      if aligned.shape[0] != x.shape[0]:  # keyed_rows: both halves.
+        aligned = jnp.concatenate([aligned, aligned], axis=0)
+      x = x + aligned
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
-    graphdef, state = nnx.split(self.blocks)
-
-    def body(h, xs):
-      layer_state, k, v = xs
-      block = nnx.merge(graphdef, layer_state)
-      return block(h, (k, v), kv.mask, kv.keyed_rows), None
-
-    if self.cfg.remat_policy != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat_policy])
-    if self.cfg.scan_layers:
-      x, _ = jax.lax.scan(body, x, (state, kv.keys, kv.values))
-    else:
-      for i in range(self.cfg.depth):
-        xs = jax.tree.map(lambda a, i=i: a[i], (state, kv.keys, kv.values))
-        x, _ = body(x, xs)
+    x = layers.apply_stacked(
+        self.blocks,
+        lambda block, h, k, v: block(h, (k, v), kv.mask, kv.keyed_rows),
+        x, (kv.keys, kv.values), **self.cfg.stack_kwargs)
     x = self.final_norm(x)
     h = jax.nn.gelu(self.head_dense(x))
     return sharding.constrain(self.head_norm(h),

@@ -114,7 +114,8 @@ def superres_configs(config: ml_collections.ConfigDict
           text_encoders.config_from(config.text_encoder)))
   lowres = superres.LowResConfig(
       codebook_size=vq_config(config).codebook_size,
-      grid_size=grid_size(config), depth=s.lowres_depth)
+      grid_size=grid_size(config), depth=s.lowres_depth,
+      aligned=bool(s.get("lowres_aligned", False)))
   return model, lowres
 
 

@@ -410,14 +410,8 @@ class T5Encoder(nnx.Module):
         rngs=rngs, dtype=jnp.float32, param_dtype=config.param_dtype)
     self.relative_bias = RelativePositionBias(config, rngs=rngs)
     if config.scan_layers:
-
-      @nnx.split_rngs(splits=config.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0,
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_layers(rngs):
-        return T5Layer(config, rngs=rngs)
-
-      self.layers = make_layers(rngs)
+      self.layers = layers.stacked(lambda r: T5Layer(config, rngs=r),
+                                   config.num_layers, rngs)
     else:
       self.layers = nnx.List(
           [T5Layer(config, rngs=rngs) for _ in range(config.num_layers)])
@@ -447,12 +441,8 @@ class T5Encoder(nnx.Module):
       bias = bias + key_bias[:, None, None, :].astype(jnp.float32)
     if self.config.scan_layers:
       # The same bias (first layer's table, plus the mask) at every step.
-      graphdef, state = nnx.split(self.layers)
-
-      def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h, bias), None
-
-      x, _ = jax.lax.scan(body, x, state)
+      x = layers.apply_stacked(self.layers, lambda layer, h: layer(h, bias),
+                               x)
     else:
       for layer in self.layers:
         x = layer(x, bias)
