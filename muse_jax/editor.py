@@ -160,6 +160,15 @@ class Editor:
     grid = self.g.superres.model.cfg.grid_size
     return self.g.decode_superres(np.asarray(hr).reshape(b, grid, grid))
 
+  def _inputs(self, images, prompts: Sequence[str], seed: int,
+              negative_prompt: str | None):
+    """(checked uint8 images, text condition, negative or None, key)."""
+    images = np.asarray(images)
+    self._check(images, prompts)
+    return (images, self._condition(prompts),
+            self._negative(negative_prompt, len(prompts)),
+            jax.random.key(seed))
+
   @contextlib.contextmanager
   def _scope(self):
     """The generator's mesh and logical-axis rules."""
@@ -172,13 +181,10 @@ class Editor:
                     negative_prompt: str | None = None) -> Edited:
     """Images uint8 [B, S, S, 3] with the pixel `regions` (bool [B, S, S])
     regenerated under `prompts` (one each)."""
-    images = np.asarray(images)
-    self._check(images, prompts)
-    editing.check_mask_matches_image(np.shape(regions), images.shape)
+    editing.check_mask_matches_image(np.shape(regions), np.shape(images))
     regions = np.asarray(regions, bool)
-    cond = self._condition(prompts)
-    neg = self._negative(negative_prompt, len(prompts))
-    rng = jax.random.key(seed)
+    images, cond, neg, rng = self._inputs(images, prompts, seed,
+                                          negative_prompt)
     factor = self.size // self.base_size
     with self._scope():
       low = self._tokens(self.g.vq, downsample(images, factor))
@@ -218,14 +224,11 @@ class Editor:
                      ) -> tuple[Edited, list[np.ndarray]]:
     """(the edits, images [B, S, S, 3] after every `intermediate_every`-th
     iteration (base model's tokens through the cascade); [] when 0)."""
-    images = np.asarray(images)
-    self._check(images, prompts)
-    cond = self._condition(prompts)
-    neg = self._negative(negative_prompt, len(prompts))
-    rng = jax.random.key(seed)
-    factor = self.size // self.base_size
+    images, cond, neg, rng = self._inputs(images, prompts, seed,
+                                          negative_prompt)
     with self._scope():
-      low = self._tokens(self.g.vq, downsample(images, factor))
+      low = self._tokens(self.g.vq, downsample(
+          images, self.size // self.base_size))
       out = editing.maskfree_edit(
           self.g.transformer, rng, cond, low, fraction=fraction,
           iterations=iterations, guidance_scale=guidance_scale, top_k=top_k,

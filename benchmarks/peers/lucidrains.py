@@ -41,16 +41,22 @@ def _imports():
   return mm, sys.modules["muse_maskgit_pytorch.t5"]
 
 
-def make_maskgit(cfg: configs.BenchConfig, flash: bool = True):
-  """(MaskGit, its MaskGitTransformer), randomly initialised."""
+def make_transformer(cfg: configs.BenchConfig, flash: bool = True):
+  """(the package, a random MaskGitTransformer of `cfg`'s size; its text
+  width registered as a T5 config name, so no T5 is loaded)."""
   mm, t5 = _imports()
   name = f"random-text-{cfg.text_dim}"
   t5.T5_CONFIGS[name] = dict(
       config=types.SimpleNamespace(d_model=cfg.text_dim))
-  transformer = mm.MaskGitTransformer(
+  return mm, mm.MaskGitTransformer(
       num_tokens=cfg.codebook_size, seq_len=cfg.seq_len, dim=cfg.width,
       depth=cfg.depth, heads=cfg.num_heads, dim_head=cfg.head_dim,
       ff_mult=cfg.mlp_dim / cfg.width, t5_name=name, flash=flash)
+
+
+def make_maskgit(cfg: configs.BenchConfig, flash: bool = True):
+  """(MaskGit, its MaskGitTransformer), randomly initialised."""
+  mm, transformer = make_transformer(cfg, flash)
   # MaskGit requires a VQGAN with the codebook size; only its existence
   # matters here (ids in, ids out).
   vae = mm.VQGanVAE(dim=16, layers=1, codebook_size=cfg.codebook_size,

@@ -71,17 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_superres_maskgit(cfg: configs.BenchConfig, lowres_grid: int,
                           flash: bool = True):
   """(MaskGit with a cond VAE, its MaskGitTransformer), random weights."""
-  import types  # pylint: disable=g-import-not-at-top
   from benchmarks.peers import lucidrains  # pylint: disable=g-import-not-at-top
 
-  mm, t5 = lucidrains._imports()  # pylint: disable=protected-access
-  name = f"random-text-{cfg.text_dim}"
-  t5.T5_CONFIGS[name] = dict(
-      config=types.SimpleNamespace(d_model=cfg.text_dim))
-  transformer = mm.MaskGitTransformer(
-      num_tokens=cfg.codebook_size, seq_len=cfg.seq_len, dim=cfg.width,
-      depth=cfg.depth, heads=cfg.num_heads, dim_head=cfg.head_dim,
-      ff_mult=cfg.mlp_dim / cfg.width, t5_name=name, flash=flash)
+  mm, transformer = lucidrains.make_transformer(cfg, flash)
   vae, cond_vae = (
       mm.VQGanVAE(dim=16, layers=1, codebook_size=cfg.codebook_size,
                   use_vgg_and_gan=False) for _ in range(2))
