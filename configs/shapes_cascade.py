@@ -3,11 +3,13 @@ r"""Muse's cascade on the shapes dataset: base at 64 px, super-res to 128 px.
 Stages (muse_jax.stages, pipeline "cascade"): build the shapes dataset with
 every scene rendered at 64 and 128 px -> train the base tokenizer (64 px ->
 8x8 tokens) and the super-res tokenizer (128 px -> 16x16 tokens) -> tokenize
-both resolutions and embed the captions -> train the base transformer (the
-shapes demo's) and the super-res transformer (16x16 high-res tokens
-cross-attending to [low-res token encoder; text]) -> sample validation
+both resolutions (`tokenize`, with the caption embeddings; `sr_tokenize`)
+-> train the base transformer (the shapes demo's) and the super-res
+transformer (16x16 high-res tokens cross-attending to [low-res token
+encoder; text]) -> sample validation
 prompts through the cascade (16 base steps, 8 super-res steps), score both
-resolutions, write samples.png (64 px and 128 px rows) and metrics.json.
+resolutions, write samples.png (64 px and 128 px rows) and metrics.json ->
+edit validation scenes (stage `edits`: edits.png, edits.json).
 
 COMMAND:
   python -m muse_jax.main --config=configs/shapes_cascade.py \
@@ -17,13 +19,13 @@ Smoke-size variant (tests): --config=configs/shapes_cascade.py:tiny
 This is what `make demo` runs (workdir workdir/shapes_demo).
 
 EXPECTED (2-core AMD EPYC, Zen 4 class, AVX-512; 2026-12-04; README
-"Results"): make demo ~35-37 min on this CPU, install included
-(transformer 970 s at 9.4 steps/s, sr_tokenizer 262 s, superres 359 s at
-5.6 steps/s); metrics.json: validation (128 px) single 0.88, count 0.59,
-relation 0.13, overall 0.533; validation_base (64 px) overall 0.507;
-superres_quality: superres_psnr 35.9 dB, bicubic_psnr 34.4,
-sr_tokenizer_psnr 36.5. edits.json: maskfree success 0.98, inpaint 0.95,
-outpaint 0.48, tokens outside the regions kept bitwise 1.0.
+"Results"): make demo ~40 min on this CPU, install included
+(transformer ~1000 s at 9 steps/s, sr_tokenizer 485 s, superres 340 s at
+5.9 steps/s); metrics.json: validation (128 px) single 0.88, count 0.58,
+relation 0.11, overall 0.523; validation_base (64 px) overall 0.507;
+superres_quality: superres_psnr 39.3 dB, bicubic_psnr 34.4,
+sr_tokenizer_psnr 41.1. edits.json: maskfree success 0.97, inpaint 0.94,
+outpaint 0.50, tokens outside the regions kept bitwise 1.0.
 """
 
 import ml_collections
@@ -41,15 +43,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The super-res tokenizer: the base tokenizer's architecture (f = 8,
   # fully convolutional) on the 128 px renderings: 16x16 tokens.
   c.sr_tokenizer = ml_collections.ConfigDict(c.tokenizer.to_dict())
-  c.sr_tokenizer.loop.update(num_steps=2000)
+  c.sr_tokenizer.loop.update(num_steps=4000)
   c.sr_tokenizer.adversarial.start_step = 1500
   # Reconstruction (L2) only: the super-res stage is judged by PSNR against
-  # the real 128 px images (held-out 36.5 dB after 2000 steps; with the
-  # critic from step 1500, 31.2 dB on 64 px crops).
+  # the real 128 px images (held-out 41.1 dB after 4000 steps, 36.5 after
+  # 2000; with the critic from step 1500, 31.2 dB on 64 px crops).
   c.sr_tokenizer.adversarial.weight = 0.0
   # Whole 128 px images: trained on random 64 px windows (train_crop=64,
   # 4x cheaper per step) it reconstructs whole images far worse (32.95 dB
-  # after 4000 steps vs 36.5 after 2000), its GroupNorm statistics and
+  # after 4000 steps vs 41.1), its GroupNorm statistics and
   # context being those of a window.
   c.sr_tokenizer.train_crop = 0
 

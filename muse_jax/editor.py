@@ -129,10 +129,16 @@ class Editor:
     return conditioning.Text(jnp.asarray(text.embeddings),
                              jnp.asarray(text.mask))
 
-  def _negative(self, prompt: str | None, batch: int
+  def _negative(self, prompt: str | Sequence[str] | None, batch: int
                 ) -> conditioning.Text | None:
+    """One negative prompt for the batch, or one per image."""
     if prompt is None:
       return None
+    if not isinstance(prompt, str):
+      if len(prompt) != batch:
+        raise ValueError(f"{len(prompt)} negative prompts for {batch} "
+                         "images: give one, or one per image")
+      return self._condition(prompt)
     neg = self._condition([prompt])
     return conditioning.Text(
         jnp.broadcast_to(neg.embeddings, (batch,) + neg.embeddings.shape[1:]),
@@ -161,7 +167,7 @@ class Editor:
     return self.g.decode_superres(np.asarray(hr).reshape(b, grid, grid))
 
   def _inputs(self, images, prompts: Sequence[str], seed: int,
-              negative_prompt: str | None):
+              negative_prompt: str | Sequence[str] | None):
     """(checked uint8 images, text condition, negative or None, key)."""
     images = np.asarray(images)
     self._check(images, prompts)
@@ -178,7 +184,8 @@ class Editor:
 
   def inpaint_batch(self, images: np.ndarray, regions: np.ndarray,
                     prompts: Sequence[str], *, seed: int = 0,
-                    negative_prompt: str | None = None) -> Edited:
+                    negative_prompt: str | Sequence[str] | None = None
+                    ) -> Edited:
     """Images uint8 [B, S, S, 3] with the pixel `regions` (bool [B, S, S])
     regenerated under `prompts` (one each)."""
     editing.check_mask_matches_image(np.shape(regions), np.shape(images))
@@ -207,7 +214,8 @@ class Editor:
 
   def outpaint_batch(self, images: np.ndarray, keep: np.ndarray,
                      prompts: Sequence[str], *, seed: int = 0,
-                     negative_prompt: str | None = None) -> Edited:
+                     negative_prompt: str | Sequence[str] | None = None
+                    ) -> Edited:
     """Images regenerated around the kept pixels (bool [B, S, S])."""
     keep = np.asarray(keep, bool)
     editing.check_mask_matches_image(keep.shape, np.shape(images))
@@ -219,7 +227,8 @@ class Editor:
   def maskfree_batch(self, images: np.ndarray, prompts: Sequence[str], *,
                      seed: int = 0, iterations: int = 100,
                      fraction: float = 0.08, guidance_scale: float = 4.0,
-                     top_k: int = 3, negative_prompt: str | None = None,
+                     top_k: int = 3,
+                     negative_prompt: str | Sequence[str] | None = None,
                      intermediate_every: int = 0
                      ) -> tuple[Edited, list[np.ndarray]]:
     """(the edits, images [B, S, S, 3] after every `intermediate_every`-th

@@ -21,3 +21,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+
+# Files whose module fixtures run whole pipelines (minutes each), slowest
+# first. `make test` hands whole files to two pytest-xdist workers in
+# collection order; starting these first keeps one worker from drawing two
+# of them at the end (longest-first scheduling).
+SLOW_FILES = ("test_multiprocess.py", "test_tokenizer_pipeline.py",
+              "test_superres.py", "test_stages.py", "test_embedding_cache.py",
+              "test_vq_task.py", "test_trainer.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  order = {id(item): i for i, item in enumerate(items)}
+  items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),
+                               order[id(item)]))

@@ -28,6 +28,7 @@ from muse_jax.data import records
 from muse_jax.models import conditioning
 from muse_jax.models import superres
 from muse_jax.models import transformer as tr
+from muse_jax.stages import tokenize
 from muse_jax.stages import workdir as workdir_lib
 from muse_jax.tasks import masked_transformer as mt
 
@@ -210,11 +211,15 @@ def cascade(tmp_path_factory):
 def test_cascade_stages_and_metrics_at_both_resolutions(cascade):
   graph, infos = cascade
   assert list(infos) == ["data", "tokenizer", "sr_tokenizer", "tokenize",
-                         "transformer", "superres", "evaluate", "edits"]
-  source = records.open_source(graph.stage_dir("tokenize"), "train")
-  rec = source[0]
+                         "sr_tokenize", "transformer", "superres",
+                         "evaluate", "edits"]
+  source = tokenize.paired_source(
+      {k: graph.stage_dir(k) for k in ("tokenize", "sr_tokenize")}, "train")
+  rec = source[3]
   assert np.asarray(rec["tokens"]).shape == (64,)
   assert np.asarray(rec["hr_tokens"]).shape == (256,)
+  assert int(rec["index"]) == int(
+      records.open_source(graph.stage_dir("sr_tokenize"), "train")[3]["index"])
   metrics = infos["evaluate"]["metrics"]
   assert metrics["validation"]["image_size"] == 128
   assert metrics["validation_base"]["image_size"] == 64
@@ -248,9 +253,38 @@ def test_superres_sampling_keys_do_not_retrain(cascade):
   config.sr_tokenizer.adversarial.weight = 0.0
   config.superres.sampling.num_steps = 3
   other = stages.build(config, graph.workdir, env=object())
-  for name in ("superres", "transformer", "tokenize"):
+  for name in ("superres", "transformer", "tokenize", "sr_tokenize"):
     assert other.fingerprint(name) == graph.fingerprint(name)
   assert other.fingerprint("evaluate") != graph.fingerprint("evaluate")
+
+
+def test_new_sr_tokenizer_leaves_the_base_side_alone(cascade):
+  """The super-res tokenizer's tokens are a stage of their own: changing
+  it re-runs sr_tokenize and superres, never tokenize or the transformer."""
+  graph, _ = cascade
+  config = shapes_cascade.get_config("tiny")
+  config.tokenizer.adversarial.weight = 0.0
+  config.sr_tokenizer.adversarial.weight = 0.0
+  config.sr_tokenizer.loop.num_steps = 3
+  other = stages.build(config, graph.workdir, env=object())
+  for name in ("tokenize", "transformer"):
+    assert other.fingerprint(name) == graph.fingerprint(name)
+  for name in ("sr_tokenizer", "sr_tokenize", "superres", "evaluate"):
+    assert other.fingerprint(name) != graph.fingerprint(name)
+
+
+def test_paired_source_names_mismatched_records(cascade, tmp_path):
+  graph, _ = cascade
+  base = graph.stage_dir("tokenize")
+  hr = records.open_source(graph.stage_dir("sr_tokenize"), "validation")
+  shuffled = [hr[i] for i in reversed(range(len(hr)))]
+  records.write(tmp_path / "reversed", "validation", shuffled)
+  source = tokenize.PairedSource(base, tmp_path / "reversed", "validation")
+  with pytest.raises(records.RecordsError, match="sr_tokenize has scene"):
+    source[0]
+  records.write(tmp_path / "short", "validation", shuffled[1:])
+  with pytest.raises(records.RecordsError, match="sr_tokenize records"):
+    tokenize.PairedSource(base, tmp_path / "short", "validation")
 
 
 def test_generator_samples_the_cascade(cascade):
@@ -376,6 +410,30 @@ def test_editor_batch_rows_do_not_depend_on_the_batch(editor):
   np.testing.assert_array_equal(edited.base[0], alone.base[0])
   with pytest.raises(ValueError, match="one prompt per image"):
     editor.maskfree_batch(images, prompts[:1], iterations=2)
+
+
+def test_editor_negative_prompt_per_image(editor):
+  """One negative prompt per image equals that prompt given once for the
+  batch, a row's result depends on its own negative only, and a wrong
+  count is named."""
+  from muse_jax import editing  # pylint: disable=g-import-not-at-top
+  from muse_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  images = np.stack([shapes.example("validation", i, 0, (128,))[
+      shapes.image_key(128)] for i in range(2)])
+  keep = np.stack([editing.box_mask(128, 128, (0, 0, 64, 64))] * 2)
+  prompts = ["a red circle", "a blue square"]
+  once = editor.outpaint_batch(images, keep, prompts, seed=2,
+                               negative_prompt="a green triangle")
+  each = editor.outpaint_batch(images, keep, prompts, seed=2,
+                               negative_prompt=["a green triangle"] * 2)
+  np.testing.assert_array_equal(once.hr, each.hr)
+  mixed = editor.outpaint_batch(images, keep, prompts, seed=2,
+                                negative_prompt=["a green triangle",
+                                                 "two yellow stars"])
+  np.testing.assert_array_equal(mixed.base[0], once.base[0])
+  with pytest.raises(ValueError, match="3 negative prompts for 2 images"):
+    editor.outpaint_batch(images, keep, prompts,
+                          negative_prompt=["a green triangle"] * 3)
 
 
 def test_editor_inpainting_keeps_tokens_outside_the_region(editor,

@@ -4,8 +4,8 @@
 
 and Muse's cascade (`config.pipeline="cascade"`):
 
-  data -> tokenizer, sr_tokenizer -> tokenize -> transformer, superres
-       -> evaluate, edits
+  data -> tokenizer -> tokenize -> transformer  \
+       -> sr_tokenizer -> sr_tokenize ---------> superres -> evaluate, edits
 
 `build(config, workdir)` is the graph the main job runs; `graph.py` holds
 the machinery (fingerprints, markers, the shared stage store).
@@ -35,7 +35,8 @@ NAMES = tuple(s.name for s in STAGES)
 PIPELINES: dict[str, tuple[type[graph.Stage], ...]] = {
     "muse": STAGES,
     "cascade": (data.Data, tokenizer.Tokenizer, tokenizer.SrTokenizer,
-                tokenize.CascadeTokenize, transformer.Transformer,
+                tokenize.Tokenize, tokenize.SrTokenize,
+                transformer.Transformer,
                 superres.SuperRes, evaluate.CascadeEvaluate, edits.Edits),
     "tokenizer": (data.Data, tokenizer.Tokenizer,
                   tokenizer_decoder.TokenizerDecoder,

@@ -177,7 +177,7 @@ class CascadeEvaluate(Evaluate):
   model's quality on its own (`superres_quality`)."""
 
   reads = ("data", "tokenizer", "tokenize", "transformer", "sr_tokenizer",
-           "superres")
+           "sr_tokenize", "superres")
   config_keys = ("seed", "sampling", "eval", "superres.sampling")
 
   def check(self, config) -> None:
@@ -199,7 +199,7 @@ def superres_quality(run: graph.StageRun, generate: TextToImage
   reconstruction (`sr_tokenizer_psnr`, the ceiling)."""
   config = run.config
   n = run.config.eval.num_validation
-  source = records.open_source(run.inputs["tokenize"], "validation")
+  source = tokenize.paired_source(run.inputs, "validation")
   n = min(n, len(source))
   recs = [source[i] for i in range(n)]
   to_example = tokenize.text_example(source.manifest["max_len"])

@@ -1,9 +1,9 @@
 """Stage `superres`: trains the super-resolution transformer (P§2.4).
 
-It reads the cascade's tokenize records (`tokenize.CascadeTokenize`): per
-example the base tokenizer's tokens of the low-res scene, the super-res
-tokenizer's `hr_tokens` of the same scene at `data.sr_image_size`, and the
-caption's embeddings. The objective is the base model's, on the high-res
+It reads the cascade's token records, `tokenize`'s and `sr_tokenize`'s
+joined (`tokenize.paired_source`): per example the base tokenizer's
+tokens of the low-res scene, the super-res tokenizer's `hr_tokens` of the
+same scene at `data.sr_image_size`, and the caption's embeddings. The objective is the base model's, on the high-res
 tokens, with the low-res tokens as a condition that the 10% text dropout
 leaves in place (`tasks.masked_transformer`, `lowres=`).
 
@@ -51,15 +51,15 @@ def make_task(config) -> tuple[masked_transformer.MaskedTransformerTask,
 
 
 def pair_example(max_len: int):
-  """A cascade record -> {tokens (high-res), lowres_tokens, text_emb,
-  text_mask}."""
+  """A joined cascade record (`tokenize.paired_source`) -> {tokens
+  (high-res), lowres_tokens, text_emb, text_mask}."""
   text = tokenize.text_example(max_len)
 
   def transform(record: dict[str, Any]) -> dict[str, np.ndarray]:
     if "hr_tokens" not in record:
       raise records.RecordsError(
-          f"record {record.get('index')} has no hr_tokens: the tokenize "
-          "stage ran without a super-res tokenizer")
+          f"record {record.get('index')} has no hr_tokens: not a record "
+          "of tokenize.paired_source")
     out = text(record)
     out["lowres_tokens"] = out["tokens"]
     out["tokens"] = np.asarray(record["hr_tokens"], np.int32)
@@ -70,7 +70,7 @@ def pair_example(max_len: int):
 
 class SuperRes(graph.Stage):
   name = "superres"
-  reads = ("tokenize",)
+  reads = ("tokenize", "sr_tokenize")
   config_keys = ("seed", "superres")
   # Decoding settings: read by evaluation, not by training.
   fingerprint_ignores = ("superres.sampling",)
@@ -83,7 +83,7 @@ class SuperRes(graph.Stage):
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, s = run.config, run.config.superres
     task, loop = make_task(config)
-    source = records.open_source(run.inputs["tokenize"], "train")
+    source = tokenize.paired_source(run.inputs, "train")
     data = pipeline.make_iterator(
         source, batch_size=s.batch_size, seed=config.seed + 2,
         transform=pair_example(source.manifest["max_len"]))

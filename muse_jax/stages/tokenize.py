@@ -12,9 +12,12 @@ example (`data.records`): `tokens` int32 [N], `caption`, `text_emb` bfloat16
 `scene_type` and `index`. Process 0 writes the shards, so a run on several
 processes writes the same files as a run on one.
 
-In the cascade (`CascadeTokenize`) each record also carries `hr_tokens`:
+Stage `sr_tokenize` (`SrTokenize`, the cascade): per example `hr_tokens`,
 the super-res tokenizer's tokens of the same scene rendered at
-`data.sr_image_size`, the super-res stage's targets.
+`data.sr_image_size` (the super-res stage's targets), and `index`, in the
+same order as `tokenize`'s records (`paired_source` joins the two). A
+stage of its own so that a new super-res tokenizer re-runs the super-res
+side only, never the base transformer.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from typing import Any
 
 import jax
+from etils import epath
 import ml_dtypes
 import numpy as np
 
@@ -61,38 +65,17 @@ class Tokenize(graph.Stage):
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env = run.config, run.env
-    vq = artifacts.load_vq(config, run.inputs["tokenizer"], env)
-    sr_vq = (artifacts.load_sr_vq(config, run.inputs["sr_tokenizer"], env)
-             if "sr_tokenizer" in run.inputs else None)
+    image_tokens = _image_tokenizer(
+        config, env, artifacts.load_vq(config, run.inputs["tokenizer"], env),
+        shapes.image_key(config.data.image_size))
     cfg = text_encoders.config_from(config.text_encoder)
     # Either embeds captions: `encode(texts) -> EncodedText`, `dim`, `max_len`.
     encoder = cache.open_for(cfg) if cfg.cache_dir else env.text_encoder()
     verb = "read from the cache" if cfg.cache_dir else "embedded"
-    encode = jax.jit(lambda m, x: m.encode_to_indices(x))
-    bs = max(1, config.tokenize.batch_size // env.data_shards) * (
-        env.data_shards)
-    key = shapes.image_key(config.data.image_size)
-    sr_key = shapes.image_key(data_stage.sr_image_size(config))
     info: dict[str, Any] = {"text_dim": encoder.dim,
                             "max_len": encoder.max_len}
     if cfg.cache_dir:
       info["text_cache"] = cfg.cache_dir
-
-    def image_tokens(images: np.ndarray, model=vq) -> np.ndarray:
-      rows = images.shape[0]
-      if rows < bs:  # One compiled shape: pad the final batch.
-        images = np.concatenate([images, np.repeat(images[-1:], bs - rows,
-                                                   axis=0)])
-      x = sharding.shard_host_batch(vqgan.to_unit_range(images),
-                                    env.mesh, env.rules)
-      with jax.set_mesh(env.mesh):
-        ids = sharding.to_host(encode(model, x))
-      return ids.reshape(bs, -1)[:rows].astype(np.int32)
-
-    def all_tokens(recs, k, model) -> np.ndarray:
-      return np.concatenate([
-          image_tokens(np.stack([r[k] for r in recs[i:i + bs]]), model)
-          for i in range(0, len(recs), bs)])
 
     for split in shapes.SPLITS:
       source = data_stage.split_source(config, run.inputs["data"], split)
@@ -102,8 +85,7 @@ class Tokenize(graph.Stage):
       def examples(source=source, stats=stats) -> Iterator[dict[str, Any]]:
         for lo in range(0, len(source), CHUNK):
           recs = [source[i] for i in range(lo, min(len(source), lo + CHUNK))]
-          tokens = all_tokens(recs, key, vq)
-          hr = None if sr_vq is None else all_tokens(recs, sr_key, sr_vq)
+          tokens = image_tokens(recs)
           captions = [_as_str(r["caption"]) for r in recs]
           distinct, which = np.unique(np.asarray(captions),
                                       return_inverse=True)
@@ -120,8 +102,6 @@ class Tokenize(graph.Stage):
                    "text_emb": emb[c, :lengths[c]],
                    "scene_type": int(r["scene_type"]),
                    "index": int(r["index"])}
-            if hr is not None:
-              out["hr_tokens"] = hr[j]
             yield out
 
       if distributed.is_leader():
@@ -145,10 +125,104 @@ class Tokenize(graph.Stage):
     return info
 
 
-class CascadeTokenize(Tokenize):
-  """`Tokenize` that also writes the super-res tokenizer's `hr_tokens`."""
+def _image_tokenizer(config, env, vq: vqgan.VQModel, key: str):
+  """records -> int32 [len, tokens]: `vq`'s tokens of each record's image
+  `key`, in batches of `tokenize.batch_size` sharded over the data axis
+  (the last one padded: one compiled shape)."""
+  encode = jax.jit(lambda m, x: m.encode_to_indices(x))
+  bs = max(1, config.tokenize.batch_size // env.data_shards) * (
+      env.data_shards)
 
-  reads = ("data", "tokenizer", "sr_tokenizer")
+  def batch_tokens(images: np.ndarray) -> np.ndarray:
+    rows = images.shape[0]
+    if rows < bs:
+      images = np.concatenate([images, np.repeat(images[-1:], bs - rows,
+                                                 axis=0)])
+    x = sharding.shard_host_batch(vqgan.to_unit_range(images), env.mesh,
+                                  env.rules)
+    with jax.set_mesh(env.mesh):
+      ids = sharding.to_host(encode(vq, x))
+    return ids.reshape(bs, -1)[:rows].astype(np.int32)
+
+  def tokens(recs: list[dict[str, Any]]) -> np.ndarray:
+    return np.concatenate([
+        batch_tokens(np.stack([r[key] for r in recs[i:i + bs]]))
+        for i in range(0, len(recs), bs)])
+
+  return tokens
+
+
+class SrTokenize(graph.Stage):
+  """The super-res tokenizer's `hr_tokens` of every scene at
+  `data.sr_image_size` (see the module docstring)."""
+
+  name = "sr_tokenize"
+  reads = ("data", "sr_tokenizer")
+  config_keys = ("tokenize",)
+
+  def check(self, config) -> None:
+    if config.tokenize.batch_size < 1:
+      raise ValueError("tokenize.batch_size must be >= 1")
+
+  def run(self, run: graph.StageRun) -> dict[str, Any]:
+    config, env = run.config, run.env
+    image_tokens = _image_tokenizer(
+        config, env,
+        artifacts.load_sr_vq(config, run.inputs["sr_tokenizer"], env),
+        shapes.image_key(data_stage.sr_image_size(config)))
+    info: dict[str, Any] = {}
+    for split in shapes.SPLITS:
+      source = data_stage.split_source(config, run.inputs["data"], split)
+
+      def examples(source=source) -> Iterator[dict[str, Any]]:
+        for lo in range(0, len(source), CHUNK):
+          recs = [source[i] for i in range(lo, min(len(source), lo + CHUNK))]
+          for r, hr in zip(recs, image_tokens(recs)):
+            yield {"hr_tokens": hr, "index": int(r["index"])}
+
+      if distributed.is_leader():
+        records.write(run.dir, split, examples(), records_per_shard=CHUNK)
+      else:
+        for _ in examples():  # The same sharded computations, no writes.
+          pass
+      distributed.barrier(f"sr_tokenize-{split}")
+      info[split] = {"examples": len(source)}
+    return info
+
+
+class PairedSource:
+  """Random access over `tokenize`'s and `sr_tokenize`'s records of one
+  split, joined: example i is the union of both records i (their `index`
+  must agree)."""
+
+  def __init__(self, tokenize_dir: epath.PathLike,
+               sr_tokenize_dir: epath.PathLike, split: str):
+    self.base = records.open_source(tokenize_dir, split)
+    self.hr = records.open_source(sr_tokenize_dir, split)
+    if len(self.base) != len(self.hr):
+      raise records.RecordsError(
+          f"split {split!r}: {len(self.base)} tokenize records but "
+          f"{len(self.hr)} sr_tokenize records (stages of different data?)")
+    self.manifest = self.base.manifest
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    a, b = self.base[index], self.hr[index]
+    if int(a["index"]) != int(b["index"]):
+      raise records.RecordsError(
+          f"record {index}: tokenize has scene {a['index']}, sr_tokenize "
+          f"has scene {b['index']}")
+    return {**a, "hr_tokens": b["hr_tokens"]}
+
+  def __repr__(self) -> str:
+    return f"PairedSource({self.base!r}, {self.hr!r})"
+
+
+def paired_source(inputs: dict[str, epath.Path], split: str) -> PairedSource:
+  """The cascade's joined records of `split` from a stage's inputs."""
+  return PairedSource(inputs["tokenize"], inputs["sr_tokenize"], split)
 
 
 def text_example(max_len: int):
