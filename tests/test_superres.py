@@ -197,12 +197,18 @@ def test_superres_task_trains_on_pairs():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cascade(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("cascade")
+def _tiny_cascade_config():
+  """The smoke-size cascade; tokenizers without their critics."""
   config = shapes_cascade.get_config("tiny")
   config.tokenizer.adversarial.weight = 0.0
   config.sr_tokenizer.adversarial.weight = 0.0
+  return config
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("cascade")
+  config = _tiny_cascade_config()
   graph = stages.build(config, workdir)
   infos = graph.run()
   return graph, infos
@@ -248,9 +254,7 @@ def test_edits_stage_scores_every_mode_and_keeps_tokens(cascade):
 
 def test_superres_sampling_keys_do_not_retrain(cascade):
   graph, _ = cascade
-  config = shapes_cascade.get_config("tiny")
-  config.tokenizer.adversarial.weight = 0.0
-  config.sr_tokenizer.adversarial.weight = 0.0
+  config = _tiny_cascade_config()
   config.superres.sampling.num_steps = 3
   other = stages.build(config, graph.workdir, env=object())
   for name in ("superres", "transformer", "tokenize", "sr_tokenize"):
@@ -262,9 +266,7 @@ def test_new_sr_tokenizer_leaves_the_base_side_alone(cascade):
   """The super-res tokenizer's tokens are a stage of their own: changing
   it re-runs sr_tokenize and superres, never tokenize or the transformer."""
   graph, _ = cascade
-  config = shapes_cascade.get_config("tiny")
-  config.tokenizer.adversarial.weight = 0.0
-  config.sr_tokenizer.adversarial.weight = 0.0
+  config = _tiny_cascade_config()
   config.sr_tokenizer.loop.num_steps = 3
   other = stages.build(config, graph.workdir, env=object())
   for name in ("tokenize", "transformer"):
