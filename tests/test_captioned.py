@@ -9,11 +9,7 @@ out exactly once and every broken one is counted under its reason.
 from __future__ import annotations
 
 import collections
-import io
 import json
-import struct
-import tarfile
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -21,55 +17,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import captioned_files as files
 from muse_jax.data.captioned import decode
 from muse_jax.data.captioned import parquet_files
 from muse_jax.data.captioned import tally as tally_lib
 from muse_jax.data.captioned import tar_shards
 
 
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-  buf = io.BytesIO()
-  img.save(buf, format=fmt, **kw)
-  return buf.getvalue()
-
-
-def _rgb(seed: int, size=(48, 40)) -> Image.Image:
-  rng = np.random.default_rng(seed)
-  return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3),
-                                      dtype=np.uint8))
-
-
-def _bomb_png(width: int = 30000, height: int = 30000) -> bytes:
-  """A PNG header claiming a huge image (PIL refuses it on open)."""
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data)))
-  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-          + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
-
-
-def _exif_rotated_jpeg() -> bytes:
-  """A 48x24 (w x h) JPEG whose EXIF orientation (6) says rotate 90 deg."""
-  exif = Image.Exif()
-  exif[0x0112] = 6
-  return _encode(_rgb(7, (48, 24)), "JPEG", exif=exif.tobytes())
-
-
 # --- Conversions. ---
 
 
 @pytest.mark.parametrize("make", [
-    lambda: _encode(_rgb(0).convert("L"), "PNG"),
-    lambda: _encode(_rgb(0).convert("CMYK"), "JPEG"),
-    lambda: _encode(_rgb(0).convert("P"), "PNG"),
-    lambda: _encode(_rgb(0).convert("RGBA"), "PNG"),
-    lambda: _encode(_rgb(0).convert("LA"), "PNG"),
-    lambda: _encode(Image.fromarray(
+    lambda: files.encode(files.rgb(0).convert("L"), "PNG"),
+    lambda: files.encode(files.rgb(0).convert("CMYK"), "JPEG"),
+    lambda: files.encode(files.rgb(0).convert("P"), "PNG"),
+    lambda: files.encode(files.rgb(0).convert("RGBA"), "PNG"),
+    lambda: files.encode(files.rgb(0).convert("LA"), "PNG"),
+    lambda: files.encode(Image.fromarray(
         (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 30)),
                     "PNG"),
-    lambda: _encode(_rgb(0), "WEBP"),
-    lambda: _encode(_rgb(0), "GIF"),
+    lambda: files.encode(files.rgb(0), "WEBP"),
+    lambda: files.encode(files.rgb(0), "GIF"),
 ], ids=["gray", "cmyk", "palette", "rgba", "gray_alpha", "16bit", "webp",
         "gif"])
 def test_every_mode_becomes_uint8_rgb(make):
@@ -81,17 +49,17 @@ def test_alpha_is_composited_on_white_and_16bit_scaled():
   rgba = np.zeros((8, 8, 4), np.uint8)
   rgba[..., 0] = 255
   rgba[:4, :, 3] = 255  # Top half opaque red, bottom half transparent.
-  image = decode.decode_image(_encode(Image.fromarray(rgba), "PNG"))
+  image = decode.decode_image(files.encode(Image.fromarray(rgba), "PNG"))
   np.testing.assert_array_equal(image[0, 0], [255, 0, 0])
   np.testing.assert_array_equal(image[7, 0], [255, 255, 255])
   deep = np.full((8, 8), 65535, np.uint16)
   deep[0, 0] = 0
-  image = decode.decode_image(_encode(Image.fromarray(deep), "PNG"))
+  image = decode.decode_image(files.encode(Image.fromarray(deep), "PNG"))
   assert image[1, 1].tolist() == [255] * 3 and image[0, 0].tolist() == [0] * 3
 
 
 def test_exif_orientation_is_applied():
-  image = decode.decode_image(_exif_rotated_jpeg())
+  image = decode.decode_image(files.exif_rotated_jpeg())
   assert image.shape == (48, 24, 3)
 
 
@@ -99,7 +67,7 @@ def test_exif_orientation_is_applied():
     (None, "missing_image"),
     (b"", "corrupt_image"),
     (b"\xff\xd8 not really a jpeg", "corrupt_image"),
-    (_bomb_png(), "too_large"),
+    (files.bomb_png(), "too_large"),
 ])
 def test_undecodable_images_are_skipped_by_reason(data, reason):
   with pytest.raises(decode.Skip) as e:
@@ -108,11 +76,11 @@ def test_undecodable_images_are_skipped_by_reason(data, reason):
 
 
 def test_truncated_jpeg_and_tiny_image():
-  full = _encode(_rgb(1), "JPEG")
+  full = files.encode(files.rgb(1), "JPEG")
   with pytest.raises(decode.Skip, match="corrupt_image"):
     decode.decode_image(full[:len(full) // 2])
   with pytest.raises(decode.Skip, match="too_small"):
-    decode.decode_image(_encode(_rgb(1, (20, 12)), "PNG"), min_size=16)
+    decode.decode_image(files.encode(files.rgb(1, (20, 12)), "PNG"), min_size=16)
 
 
 def test_captions_are_cleaned_or_skipped():
@@ -134,41 +102,16 @@ def test_unknown_reason_is_refused():
 # --- The fuzz-style test over shards. ---
 
 
-def _write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-  try:
-    import webdataset  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    webdataset = None
-  if webdataset is not None:  # img2dataset's own writer.
-    with webdataset.TarWriter(str(path)) as sink:
-      for key, files in samples:
-        sink.write({"__key__": key, **files})
-    return
-  with tarfile.open(path, "w") as tar:
-    for key, files in samples:
-      for ext, data in files.items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-
-def _valid(i: int) -> dict[str, bytes]:
-  return {"jpg": _encode(_rgb(100 + i), "JPEG"),
-          "txt": f"photo number {i}".encode(),
-          "json": json.dumps({"caption": f"photo number {i}",
-                              "key": f"{i:09d}"}).encode()}
-
-
 # Broken records: (members, reason) or, for convertible ones, (members, None).
 def _cases() -> list[tuple[dict[str, bytes], str | None]]:
-  good_jpg = _encode(_rgb(3), "JPEG")
+  good_jpg = files.encode(files.rgb(3), "JPEG")
   return [
       ({"jpg": good_jpg[:len(good_jpg) // 3], "txt": b"cut"},
        "corrupt_image"),
       ({"jpg": b"<html>404 not found</html>", "txt": b"html"},
        "corrupt_image"),
-      ({"png": _bomb_png(), "txt": b"bomb"}, "too_large"),
-      ({"png": _encode(_rgb(4, (8, 8)), "PNG"), "txt": b"tiny"},
+      ({"png": files.bomb_png(), "txt": b"bomb"}, "too_large"),
+      ({"png": files.encode(files.rgb(4, (8, 8)), "PNG"), "txt": b"tiny"},
        "too_small"),
       ({"txt": b"caption without an image"}, "missing_image"),
       ({"jpg": good_jpg}, "missing_caption"),
@@ -178,17 +121,17 @@ def _cases() -> list[tuple[dict[str, bytes], str | None]]:
       ({"jpg": good_jpg, "json": b'{"caption": "unterminated'},
        "bad_metadata"),
       # Convertible: come out as RGB.
-      ({"png": _encode(_rgb(5).convert("L"), "PNG"), "txt": b"gray"}, None),
-      ({"jpg": _encode(_rgb(5).convert("CMYK"), "JPEG"), "txt": b"cmyk"},
+      ({"png": files.encode(files.rgb(5).convert("L"), "PNG"), "txt": b"gray"}, None),
+      ({"jpg": files.encode(files.rgb(5).convert("CMYK"), "JPEG"), "txt": b"cmyk"},
        None),
-      ({"png": _encode(_rgb(5).convert("P"), "PNG"), "txt": b"palette"},
+      ({"png": files.encode(files.rgb(5).convert("P"), "PNG"), "txt": b"palette"},
        None),
-      ({"png": _encode(_rgb(5).convert("RGBA"), "PNG"), "txt": b"alpha"},
+      ({"png": files.encode(files.rgb(5).convert("RGBA"), "PNG"), "txt": b"alpha"},
        None),
-      ({"png": _encode(Image.fromarray(np.full((40, 40), 4000, np.uint16)),
+      ({"png": files.encode(Image.fromarray(np.full((40, 40), 4000, np.uint16)),
                        "PNG"), "txt": b"16-bit"}, None),
-      ({"jpg": _exif_rotated_jpeg(), "txt": b"rotated"}, None),
-      ({"webp": _encode(_rgb(6), "WEBP"), "json": json.dumps(
+      ({"jpg": files.exif_rotated_jpeg(), "txt": b"rotated"}, None),
+      ({"webp": files.encode(files.rgb(6), "WEBP"), "json": json.dumps(
           {"caption": "webp with json caption"}).encode()}, None),
   ]
 
@@ -200,13 +143,13 @@ def test_fuzz_every_valid_record_once_every_broken_one_counted(tmp_path):
   shards = []
   for s in range(3):  # Three shards, valid and broken records interleaved.
     samples = []
-    for j, (files, reason) in enumerate(_cases()):
+    for j, (members, reason) in enumerate(_cases()):
       for k in range(2):
         key = f"{s:05d}{j:02d}{k}"
-        valid = _valid(int(key))
+        valid = files.valid(int(key))
         samples.append((key + "v", valid))
         expected_keys.add(key + "v")
-        samples.append((key + "b", files))
+        samples.append((key + "b", members))
         if reason is None:
           expected_keys.add(key + "b")
         else:
@@ -215,12 +158,12 @@ def test_fuzz_every_valid_record_once_every_broken_one_counted(tmp_path):
     samples = [samples[i] for i in order]
     records_written += len(samples)
     path = tmp_path / f"{s:05d}.tar"
-    _write_tar(path, samples)
+    files.write_tar(path, samples)
     shards.append(path)
   # A shard cut off inside sample 3's first member: samples 0-2 come out,
   # the cut is counted once.
-  cut_samples = [(f"90000{i:03d}", _valid(900000 + i)) for i in range(6)]
-  _write_tar(tmp_path / "cut.tar", cut_samples)
+  cut_samples = [(f"90000{i:03d}", files.valid(900000 + i)) for i in range(6)]
+  files.write_tar(tmp_path / "cut.tar", cut_samples)
   data = (tmp_path / "cut.tar").read_bytes()
   header = data.index(b"90000003.")
   (tmp_path / "cut.tar").write_bytes(data[:header + 512 + 100])
@@ -252,28 +195,19 @@ def test_fuzz_every_valid_record_once_every_broken_one_counted(tmp_path):
   assert json.loads((tmp_path / "skips.json").read_text())["ok"] == len(out)
 
 
-def _write_parquet(path, rows: list[dict]) -> None:
-  table = pa.table({
-      "key": [r["key"] for r in rows],
-      "jpg": pa.array([r.get("jpg") for r in rows], pa.binary()),
-      "caption": pa.array([r.get("caption") for r in rows], pa.string()),
-  })
-  pq.write_table(table, path, row_group_size=7)
-
-
 def test_parquet_bytes_rows_null_and_broken_counted(tmp_path):
   rows, good = [], set()
   for i in range(30):
-    rows.append({"key": f"v{i}", "jpg": _encode(_rgb(i), "JPEG"),
+    rows.append({"key": f"v{i}", "jpg": files.encode(files.rgb(i), "JPEG"),
                  "caption": f"image {i}"})
     good.add(f"v{i}")
   rows += [{"key": "null_image", "caption": "no bytes"},
-           {"key": "null_caption", "jpg": _encode(_rgb(1), "JPEG")},
+           {"key": "null_caption", "jpg": files.encode(files.rgb(1), "JPEG")},
            {"key": "garbage", "jpg": b"\x00" * 50, "caption": "garbage"},
-           {"key": "gray", "jpg": _encode(_rgb(2).convert("L"), "PNG"),
+           {"key": "gray", "jpg": files.encode(files.rgb(2).convert("L"), "PNG"),
             "caption": "gray"}]
   good.add("gray")
-  _write_parquet(tmp_path / "part-0.parquet", rows)
+  files.write_parquet(tmp_path / "part-0.parquet", rows)
   tally = tally_lib.Tally()
   out = list(parquet_files.read_file(tmp_path / "part-0.parquet", tally))
   assert sorted(ex["key"] for ex in out) == sorted(good)
@@ -284,7 +218,7 @@ def test_parquet_bytes_rows_null_and_broken_counted(tmp_path):
 
 def test_parquet_paths_relative_to_the_table(tmp_path):
   (tmp_path / "img").mkdir()
-  _rgb(0).save(tmp_path / "img" / "a.png")
+  files.rgb(0).save(tmp_path / "img" / "a.png")
   table = pa.table({"path": ["img/a.png", "img/none.png", None],
                     "caption": ["a", "b", "c"]})
   pq.write_table(table, tmp_path / "paths.parquet")
@@ -322,7 +256,7 @@ def test_coco_one_example_per_image_with_all_its_captions(tmp_path):
     images.append({"id": 100 + i, "file_name": name, "width": 48,
                    "height": 40})
     if i != 3:  # Image 3's file is missing.
-      _rgb(i).save(tmp_path / "val2017" / name)
+      files.rgb(i).save(tmp_path / "val2017" / name)
     for j in range(5 if i != 2 else 0):  # Image 2 has no captions.
       notes.append({"id": 10 * i + j, "image_id": 100 + i,
                     "caption": f" caption {j} of\nimage {i} "})
@@ -347,11 +281,11 @@ def test_image_folder_sidecars_and_captions_files(tmp_path):
   from muse_jax.data.captioned import folder  # pylint: disable=g-import-not-at-top
   side = tmp_path / "side"
   (side / "sub").mkdir(parents=True)
-  _rgb(0).save(side / "b.png")
+  files.rgb(0).save(side / "b.png")
   (side / "b.txt").write_text("a cat\n")
-  _rgb(1).save(side / "sub" / "a.jpg")
+  files.rgb(1).save(side / "sub" / "a.jpg")
   (side / "sub" / "a.txt").write_bytes(b"caf\xe9")
-  _rgb(2).save(side / "c.webp")  # No sidecar.
+  files.rgb(2).save(side / "c.webp")  # No sidecar.
   tally = tally_lib.Tally()
   out = list(folder.ImageFolder(side).read(tally))
   assert [(ex["key"], ex["caption"]) for ex in out] == [("b.png", "a cat")]
@@ -360,7 +294,7 @@ def test_image_folder_sidecars_and_captions_files(tmp_path):
 
   listed = tmp_path / "listed"
   listed.mkdir()
-  _rgb(3).save(listed / "x.png")
+  files.rgb(3).save(listed / "x.png")
   (listed / "captions.jsonl").write_text(
       json.dumps({"file": "x.png", "captions": ["one", "two"]}) + "\n"
       + json.dumps({"file": "gone.png", "caption": "lost"}) + "\n")

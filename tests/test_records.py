@@ -97,7 +97,7 @@ def test_missing_manifest_names_it(tmp_path):
 
 
 def test_unfinished_write_has_no_manifest(tmp_path, monkeypatch):
-  real = records._write_shard
+  real = records.write_shard
   calls = []
 
   def fail_second(path, recs):
@@ -106,7 +106,7 @@ def test_unfinished_write_has_no_manifest(tmp_path, monkeypatch):
       raise OSError("disk full")
     real(path, recs)
 
-  monkeypatch.setattr(records, "_write_shard", fail_second)
+  monkeypatch.setattr(records, "write_shard", fail_second)
   with pytest.raises(OSError, match="disk full"):
     records.write(tmp_path, "half", (_example(i) for i in range(5)),
                   records_per_shard=2)

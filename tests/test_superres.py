@@ -462,6 +462,59 @@ def test_editor_inpainting_keeps_tokens_outside_the_region(editor,
     np.testing.assert_array_equal(out[~mask], tokens[~mask])
 
 
+def test_pretokenize_cli_tokenizes_webdataset_shards(cascade, tmp_path):
+  """Validation scenes written as img2dataset tar shards, pre-tokenised by
+  the cascade's tokenizers through the CLI: the high-res tokens equal the
+  sr_tokenize stage's for the same scenes, broken records are counted."""
+  import io  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import captioned_files  # pylint: disable=g-import-not-at-top
+  from muse_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  graph, _ = cascade
+  source = stages.data.split_source(graph.config,
+                                    graph.stage_dir("data"), "validation")
+  hr = records.open_source(graph.stage_dir("sr_tokenize"), "validation")
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  for s in range(2):
+    samples = []
+    for i in range(3 * s, 3 * s + 3):
+      buf = io.BytesIO()
+      Image.fromarray(np.asarray(source[i][shapes.image_key(128)])).save(
+          buf, "PNG")
+      caption = source[i]["caption"]
+      samples.append((f"{i:09d}", {"png": buf.getvalue(), "txt": (
+          caption if isinstance(caption, bytes) else caption.encode())}))
+    samples.append((f"bad{s}", {"jpg": b"truncated", "txt": b"x"}))
+    captioned_files.write_tar(raw / f"{s:05d}.tar", samples)
+  out = tmp_path / "tokens"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "muse_jax.pretokenize",
+       f"--workdir={graph.workdir}", "--format=webdataset", f"--path={raw}",
+       f"--out={out}", "--embed_captions", "--batch_size=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "wrote 6 records in 2 shards" in proc.stdout
+  manifest = json.loads((out / "train.json").read_text())
+  assert manifest["skipped"] == {"corrupt_image": 2}
+  assert manifest["sr_image_size"] == 128 and manifest["image_size"] == 64
+  got = records.open_source(out, "train")
+  for i in range(6):
+    rec = got[i]
+    assert rec["key"] == f"{i:09d}"
+    assert np.asarray(rec["tokens"]).shape == (64,)
+    np.testing.assert_array_equal(rec["hr_tokens"], hr[i]["hr_tokens"])
+    assert np.asarray(rec["text_emb"]).shape[1] == manifest["text_dim"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "muse_jax.pretokenize",
+       f"--workdir={graph.workdir}", "--format=webdataset",
+       f"--path={tmp_path / 'nothing'}", f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
 def _edit_cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "muse_jax.edit", *args],

@@ -52,7 +52,8 @@ def _is_local(path: epath.Path) -> bool:
   return "://" not in os.fspath(path)
 
 
-def _write_shard(path: epath.Path, records: list[bytes]) -> None:
+def write_shard(path: epath.Path, records: list[bytes]) -> None:
+  """One shard of encoded records, renamed (or copied) into place whole."""
   if _is_local(path):
     local, tmp = os.fspath(path) + ".tmp", None
   else:
@@ -83,7 +84,7 @@ def write(directory: epath.PathLike, name: str,
 
   def flush():
     shard = f"{name}-{len(shards):05d}{SUFFIX}"
-    _write_shard(directory / shard, buffer)
+    write_shard(directory / shard, buffer)
     shards.append(shard)
 
   for example in examples:
@@ -153,9 +154,14 @@ class Source:
     try:
       return decode(self._source[index])
     except Exception as e:  # A corrupt record: name it and its shard.
-      per_shard = self.manifest.get("records_per_shard") or 1
       shards = self.manifest["shards"]
-      shard = shards[min(index // per_shard, len(shards) - 1)]
+      sizes = self.manifest.get("records_in_shards")
+      if sizes:  # Shards of different sizes (one per converted input).
+        shard = shards[int(np.searchsorted(np.cumsum(sizes), index,
+                                           side="right"))]
+      else:
+        per_shard = self.manifest.get("records_per_shard") or 1
+        shard = shards[min(index // per_shard, len(shards) - 1)]
       raise RecordsError(f"record {index} of {self.directory} ({shard}): "
                          f"cannot decode ({e!r})") from e
 

@@ -65,7 +65,7 @@ class Tokenize(graph.Stage):
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env = run.config, run.env
-    image_tokens = _image_tokenizer(
+    image_tokens = image_tokenizer(
         config, env, artifacts.load_vq(config, run.inputs["tokenizer"], env),
         shapes.image_key(config.data.image_size))
     cfg = text_encoders.config_from(config.text_encoder)
@@ -125,7 +125,7 @@ class Tokenize(graph.Stage):
     return info
 
 
-def _image_tokenizer(config, env, vq: vqgan.VQModel, key: str):
+def image_tokenizer(config, env, vq: vqgan.VQModel, key: str):
   """records -> int32 [len, tokens]: `vq`'s tokens of each record's image
   `key`, in batches of `tokenize.batch_size` sharded over the data axis
   (the last one padded: one compiled shape)."""
@@ -166,7 +166,7 @@ class SrTokenize(graph.Stage):
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env = run.config, run.env
-    image_tokens = _image_tokenizer(
+    image_tokens = image_tokenizer(
         config, env,
         artifacts.load_sr_vq(config, run.inputs["sr_tokenizer"], env),
         shapes.image_key(data_stage.sr_image_size(config)))

@@ -9,5 +9,12 @@ record it cannot use in a `tally.Tally` under a reason from
 * `tar_shards`: img2dataset's webdataset layout (`00000.tar` holding
   `<key>.jpg|png|webp` with `<key>.txt` and/or `<key>.json`);
 * `parquet_files`: img2dataset's parquet layout (image bytes in a column)
-  or a table of image paths.
+  or a table of image paths;
+* `coco`: COCO captions (annotations JSON + image folder);
+* `folder`: a folder of images with sidecar captions or a captions file;
+* `tfds_source`: a TFDS dataset prepared as array_record.
+
+`dataset` lists any of them as shards, `preprocess` squares the images and
+picks a caption, and `convert` writes ArrayRecord shards (what
+`muse_jax.pretokenize` runs).
 """

@@ -49,28 +49,21 @@ class Coco:
   def example(self, index: int) -> dict[str, Any]:
     """Image `index` with its captions, or `decode.Skip`."""
     image_id, name = self._files[index]
-    captions = []
-    for raw in self._captions.get(image_id, ()):
-      try:
-        captions.append(decode.clean_caption(raw))
-      except decode.Skip:
-        continue
-    if not captions:
-      raise decode.Skip("missing_caption", f"image id {image_id}")
+    captions = decode.clean_captions(self._captions.get(image_id, ()),
+                                     f"image id {image_id}")
     try:
       data = (self.images / name).read_bytes()
     except OSError as e:
       raise decode.Skip("missing_image", f"{self.images / name}") from e
     return {"key": str(image_id),
             "image": decode.decode_image(data, min_size=self.min_size),
-            "caption": captions[0], "captions": tuple(captions)}
+            "caption": captions[0], "captions": captions}
+
+  def where(self, index: int) -> str:
+    return f"{self.annotations}:{self._files[index][0]}"
 
   def read(self, tally: tally_lib.Tally,
            indices: Iterable[int] | None = None
            ) -> Iterator[dict[str, Any]]:
     """The usable examples among `indices` (default all), in order."""
-    for i in range(len(self)) if indices is None else indices:
-      example = tally.attempt(lambda i=i: self.example(i),
-                              where=f"{self.annotations}:{self._files[i][0]}")
-      if example is not None:
-        yield example
+    return tally_lib.read_indexed(self, tally, indices)

@@ -50,7 +50,7 @@ class Skip(Exception):
     self.detail = detail
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
   """Any PIL mode -> RGB: alpha over white, 16/32-bit scaled to 8 bits."""
   if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
     a = np.asarray(img, dtype=np.float64)
@@ -84,7 +84,7 @@ def decode_image(data: bytes | None, *, min_size: int = 0) -> np.ndarray:
       with Image.open(io.BytesIO(data)) as img:
         img.load()  # Decodes everything: a truncated file fails here.
         img = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise Skip("too_large", str(e)) from e
   except Exception as e:  # PIL raises many types for bad bytes.
@@ -108,3 +108,19 @@ def clean_caption(raw: bytes | str | None) -> str:
   if not text:
     raise Skip("empty_caption")
   return text
+
+
+def clean_captions(raws, what: str) -> tuple[str, ...]:
+  """Every caption of a record that cleans (`clean_caption`), in order;
+  `Skip` when none does (the first one's reason, or "missing_caption"
+  when there is none at all; `what` names the record)."""
+  captions, error = [], Skip("missing_caption", what)
+  for raw in raws:
+    try:
+      captions.append(clean_caption(raw))
+    except Skip as e:
+      if error.reason == "missing_caption" and not captions:
+        error = e
+  if not captions:
+    raise error
+  return tuple(captions)

@@ -95,28 +95,20 @@ class ImageFolder:
   def example(self, index: int) -> dict[str, Any]:
     """Image `index` (sorted by path) with its captions, or `decode.Skip`."""
     name = self._files[index]
-    captions, first_error = [], decode.Skip("missing_caption", name)
-    for raw in self._raw_captions(name):
-      try:
-        captions.append(decode.clean_caption(raw))
-      except decode.Skip as e:
-        first_error = e
-    if not captions:
-      raise first_error
+    captions = decode.clean_captions(self._raw_captions(name), name)
     try:
       data = (self.folder / name).read_bytes()
     except OSError as e:
       raise decode.Skip("missing_image", str(self.folder / name)) from e
     return {"key": name,
             "image": decode.decode_image(data, min_size=self.min_size),
-            "caption": captions[0], "captions": tuple(captions)}
+            "caption": captions[0], "captions": captions}
+
+  def where(self, index: int) -> str:
+    return f"{self.folder}:{self._files[index]}"
 
   def read(self, tally: tally_lib.Tally,
            indices: Iterable[int] | None = None
            ) -> Iterator[dict[str, Any]]:
     """The usable examples among `indices` (default all), in order."""
-    for i in range(len(self)) if indices is None else indices:
-      example = tally.attempt(lambda i=i: self.example(i),
-                              where=f"{self.folder}:{self._files[i]}")
-      if example is not None:
-        yield example
+    return tally_lib.read_indexed(self, tally, indices)

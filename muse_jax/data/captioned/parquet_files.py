@@ -68,13 +68,8 @@ def read_file(path: epath.PathLike, tally: tally_lib.Tally, *,
               batch_rows: int = 256) -> Iterator[dict[str, Any]]:
   """The usable examples of one parquet file, in row order."""
   path = epath.Path(path)
-  try:
-    if path.stat().length == 0:
-      tally.skip(decode.Skip("empty_shard"), where=str(path))
-      return
-    f = path.open("rb")
-  except OSError as e:
-    tally.skip(decode.Skip("unreadable_shard", repr(e)), where=str(path))
+  f = tally.open_shard(path)
+  if f is None:
     return
   with f:
     try:

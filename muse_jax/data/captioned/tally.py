@@ -9,9 +9,9 @@ write next to their output, so `ok + sum(skipped) == records seen`.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 import json
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from absl import logging
 from etils import epath
@@ -30,6 +30,16 @@ class Tally:
     self.skipped: collections.Counter[str] = collections.Counter()
     self.examples: dict[str, list[dict[str, str]]] = collections.defaultdict(
         list)
+
+  @classmethod
+  def from_summary(cls, summary: dict[str, Any]) -> "Tally":
+    """The tally a `summary()` was made from."""
+    out = cls()
+    out.ok = int(summary["ok"])
+    out.skipped.update(summary["skipped"])
+    for reason, seen in summary["examples"].items():
+      out.examples[reason] = list(seen)
+    return out
 
   def good(self) -> None:
     self.ok += 1
@@ -53,6 +63,18 @@ class Tally:
     self.good()
     return out
 
+  def open_shard(self, path: epath.Path) -> BinaryIO | None:
+    """`path` opened for reading, or None with the shard counted as
+    "empty_shard" (zero bytes) or "unreadable_shard" (cannot open)."""
+    try:
+      if path.stat().length == 0:
+        self.skip(decode.Skip("empty_shard"), where=str(path))
+        return None
+      return path.open("rb")
+    except OSError as e:
+      self.skip(decode.Skip("unreadable_shard", repr(e)), where=str(path))
+      return None
+
   def merge(self, other: "Tally") -> None:
     self.ok += other.ok
     self.skipped.update(other.skipped)
@@ -71,3 +93,24 @@ class Tally:
 
   def write(self, path: epath.PathLike) -> None:
     epath.Path(path).write_text(json.dumps(self.summary(), indent=1))
+
+
+class Indexed(Protocol):
+  """A random-access reader: `example(i)` or `decode.Skip`; `where(i)`
+  names record i in logs."""
+
+  def __len__(self) -> int: ...
+  def example(self, index: int) -> dict[str, Any]: ...
+  def where(self, index: int) -> str: ...
+
+
+def read_indexed(source: Indexed, tally: Tally,
+                 indices: Iterable[int] | None = None
+                 ) -> Iterator[dict[str, Any]]:
+  """The usable examples of `source` among `indices` (default all), in
+  order; the others counted in `tally`."""
+  for i in range(len(source)) if indices is None else indices:
+    example = tally.attempt(lambda i=i: source.example(i),
+                            where=source.where(i))
+    if example is not None:
+      yield example

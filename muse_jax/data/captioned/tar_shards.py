@@ -79,13 +79,8 @@ def read_shard(path: epath.PathLike, tally: tally_lib.Tally, *,
                min_size: int = 0) -> Iterator[dict[str, Any]]:
   """The usable examples of one tar shard, in order; the rest counted."""
   path = epath.Path(path)
-  try:
-    if path.stat().length == 0:
-      tally.skip(decode.Skip("empty_shard"), where=str(path))
-      return
-    f = path.open("rb")
-  except OSError as e:
-    tally.skip(decode.Skip("unreadable_shard", repr(e)), where=str(path))
+  f = tally.open_shard(path)
+  if f is None:
     return
   with f:
     try:
