@@ -16,8 +16,9 @@ BENCH_OUT ?= benchmarks/results/cpu.jsonl
 BENCH_TOKENIZER_OUT ?= benchmarks/results/tokenizer_cpu.jsonl
 BENCH_TEXT_OUT ?= benchmarks/results/text_encoder_cpu.jsonl
 BENCH_SUPERRES_OUT ?= benchmarks/results/superres_cpu.jsonl
+BENCH_INPUT_OUT ?= benchmarks/results/input_cpu.jsonl
 
-.PHONY: demo test install install-dev bench bench-tokenizer bench-text-encoder bench-superres clean
+.PHONY: demo test install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -80,3 +81,8 @@ bench-text-encoder: install $(PEERS_VENV)/.installed
 bench-superres: install $(PEERS_VENV)/.installed
 	$(PY) -m benchmarks.superres --peers_python=$(PEERS_PY) \
 	    --out=$(BENCH_SUPERRES_OUT)
+
+## Issue 16: images/s streamed from tar shards (grain workers) and
+## pre-tokenised.
+bench-input: install
+	$(PY) -m benchmarks.input_pipeline --out=$(BENCH_INPUT_OUT)

@@ -16,12 +16,14 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 import captioned_files as files
 from muse_jax.data import records
 from muse_jax.data.captioned import convert
 from muse_jax.data.captioned import dataset
+from muse_jax.data.captioned import preprocess
 from muse_jax.data.captioned import tally as tally_lib
 
 
@@ -234,3 +236,71 @@ def test_tfds_array_record_dataset_by_directory(tmp_path):
     dataset.list_shards(dataset.SourceConfig(
         format="tfds", path="no_such_dataset_here",
         data_dir=str(tmp_path)))
+
+
+# --- Streaming raw shards (the tokenizers' input pipeline). ---
+
+
+def _keys(batches):
+  return [k for b in batches for k in b["key"]]
+
+
+def test_stream_two_processes_cover_each_epoch_once(tmp_path):
+  from muse_jax.data.captioned import stream  # pylint: disable=g-import-not-at-top
+  shards = dataset.list_shards(_tar_dataset(tmp_path / "raw", shards=6,
+                                            per=4, broken=False))
+  cfg = preprocess.PreprocessConfig(image_size=16, crop="random")
+  seen = []
+  for p in (0, 1):
+    ds = stream.stream(shards, cfg, batch_size=2, seed=3, process_index=p,
+                       process_count=2, num_epochs=1)
+    seen.append(_keys(ds))
+  everything = {f"{s:05d}{i:04d}" for s in range(6) for i in range(4)}
+  assert sorted(seen[0] + seen[1]) == sorted(everything)
+  assert not set(seen[0]) & set(seen[1])
+  two = _keys(stream.stream(shards, cfg, batch_size=2, seed=3, num_epochs=2))
+  assert sorted(two) == sorted(list(everything) * 2)
+  assert two[:24] != two[24:]  # The shard order is reshuffled per epoch.
+  batch = next(iter(stream.stream(shards, cfg, batch_size=2, seed=3)))
+  assert batch["image"].shape == (2, 16, 16, 3)
+
+
+def test_stream_resumes_on_the_exact_next_example_mid_epoch(tmp_path):
+  from muse_jax.data.captioned import stream  # pylint: disable=g-import-not-at-top
+  shards = dataset.list_shards(_tar_dataset(tmp_path / "raw", shards=5,
+                                            per=5))
+  cfg = preprocess.PreprocessConfig(image_size=16, crop="random")
+  for p in (0, 1):
+    def make(p=p):
+      return stream.stream(shards, cfg, batch_size=2, seed=1,
+                           process_index=p, process_count=2, num_epochs=2)
+    full = list(make())
+    it = iter(make())
+    for _ in range(3):  # Mid-shard, mid-epoch.
+      next(it)
+    state = it.get_state()
+    resumed = iter(make())
+    resumed.set_state(json.loads(json.dumps(state)))
+    rest = list(resumed)
+    assert _keys(rest) == _keys(full[3:])
+    for a, b in zip(rest, full[3:]):
+      np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_stream_errors(tmp_path):
+  from muse_jax.data.captioned import stream  # pylint: disable=g-import-not-at-top
+  shards = dataset.list_shards(_tar_dataset(tmp_path / "raw", shards=1))
+  with pytest.raises(ValueError, match="process 1 of 2 owns no shard"):
+    stream.stream(shards, preprocess.PreprocessConfig(image_size=16),
+                  batch_size=2, seed=0, process_index=1, process_count=2)
+
+
+def test_stream_worker_processes_split_the_shards(tmp_path):
+  from muse_jax.data.captioned import stream  # pylint: disable=g-import-not-at-top
+  shards = dataset.list_shards(_tar_dataset(tmp_path / "raw", shards=4,
+                                            per=4, broken=False))
+  cfg = preprocess.PreprocessConfig(image_size=16)
+  keys = _keys(stream.stream(shards, cfg, batch_size=2, seed=0,
+                             num_epochs=1, num_workers=2))
+  assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s in range(4)
+                                for i in range(4))
