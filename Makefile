@@ -18,7 +18,7 @@ BENCH_TEXT_OUT ?= benchmarks/results/text_encoder_cpu.jsonl
 BENCH_SUPERRES_OUT ?= benchmarks/results/superres_cpu.jsonl
 BENCH_INPUT_OUT ?= benchmarks/results/input_cpu.jsonl
 
-.PHONY: demo test install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input clean
+.PHONY: demo test test-data install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ demo: install
 ## workers, each file whole in one worker (its module fixtures built once).
 test: install-dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+## The `data` extra's tests (seqio Tasks): installs tensorflow and seqio
+## into the venv, then `make test` runs them too.
+test-data: install-dev
+	$(PY) -m pip install -q -e ".[data]"
+	$(PY) -m pytest -q tests/test_seqio_tasks.py tests/test_imports.py
 
 # The peers' own environment (torch CPU build, diffusers, muse-maskgit-pytorch);
 # see benchmarks/peers/requirements.txt for why one package goes in --no-deps.

@@ -20,13 +20,10 @@ and `<name>.skips.json` (skipped records by reason) come last.
 from __future__ import annotations
 
 from collections.abc import Callable
-import zlib
 from typing import Any
 
 from absl import flags
 from absl import logging
-import ml_dtypes
-import numpy as np
 
 from muse_jax import cli
 
@@ -76,20 +73,21 @@ def make_transform(workdir: str, *, crop: str = "center", seed: int = 0,
                    ) -> tuple[Callable[[list[dict[str, Any]]],
                                        list[dict[str, Any]]], dict[str, Any]]:
   """(batch transform for `convert.convert`, manifest info) from a
-  workdir's tokenizers (and text encoder)."""
+  workdir's tokenizers (and text encoder), on this process's devices: each
+  process encodes its own shards, never in step with the others."""
   # pylint: disable=g-import-not-at-top
   from muse_jax.data.captioned import preprocess
   from muse_jax.stages import artifacts
+  from muse_jax.stages import captioned
   from muse_jax.stages import env as env_lib
   from muse_jax.stages import tokenize
   from muse_jax.stages import workdir as workdir_lib
-  from muse_jax.editor import downsample
   # pylint: enable=g-import-not-at-top
   config, dirs = workdir_lib.read(workdir)
   if "tokenizer" not in dirs:
     raise FileNotFoundError(f"{workdir}: no tokenizer stage (stages.json "
                             f"has {sorted(dirs)})")
-  env = env_lib.Env(config)
+  env = env_lib.Env(config).local()
   size = config.data.image_size
   cascade = "sr_tokenizer" in dirs
   top = config.data.sr_image_size if cascade else size
@@ -102,27 +100,10 @@ def make_transform(workdir: str, *, crop: str = "center", seed: int = 0,
       config, env, artifacts.load_sr_vq(config, dirs["sr_tokenizer"], env),
       "image") if cascade else None)
   encoder = env.text_encoder() if embed_captions else None
-  cfg = preprocess.PreprocessConfig(image_size=top, crop=crop)
-
-  def transform(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    squares = [preprocess.preprocess(
-        ex, cfg, np.random.default_rng(
-            [seed, zlib.crc32(ex["key"].encode())])) for ex in batch]
-    hr_images = np.stack([s["image"] for s in squares])
-    low = downsample(hr_images, top // size)
-    out = [{"key": s["key"], "caption": s["caption"], "tokens": t}
-           for s, t in zip(squares, base([{"image": x} for x in low]))]
-    if hr is not None:
-      for rec, t in zip(out, hr([{"image": x} for x in hr_images])):
-        rec["hr_tokens"] = t
-    if encoder is not None:
-      text = encoder.encode([s["caption"] for s in squares])
-      lengths = text.mask.sum(axis=1)
-      emb = text.embeddings.astype(ml_dtypes.bfloat16)
-      for j, rec in enumerate(out):
-        rec["text_emb"] = emb[j, :lengths[j]]
-    return out
-
+  transform = captioned.record_transform(
+      captioned.seeded_squares(
+          preprocess.PreprocessConfig(image_size=top, crop=crop), seed),
+      base, size=size, hr_tokens=hr, encoder=encoder)
   info = {"image_size": size, "sr_image_size": top if cascade else None,
           "crop": crop, "workdir": str(workdir)}
   if encoder is not None:

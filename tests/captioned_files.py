@@ -91,3 +91,57 @@ def fake_tokens(batch):
     out.append({"tokens": blocks.astype(np.int32).reshape(-1),
                 "caption": p["caption"], "key": p["key"]})
   return out
+
+
+def shapes_examples(split: str, n: int, size: int = 64
+                    ) -> list[tuple[str, Image.Image, list[str]]]:
+  """(key, image, captions) of `n` shapes scenes, each image cut to a
+  non-square size x (3/4 size) rectangle (real data is not square) and
+  given two captions (COCO has five)."""
+  from muse_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  out = []
+  for i in range(n):
+    scene = shapes.sample_scene(split, i)
+    image = shapes.render(scene, size)[:, size // 8:size - size // 8]
+    captions = [shapes.caption(scene, 0), shapes.caption(scene, 1)]
+    out.append((f"{split}{i:05d}", Image.fromarray(image), captions))
+  return out
+
+
+def write_format(root, fmt: str, examples, *, per_shard: int = 8) -> dict:
+  """Writes `examples` in img2dataset's webdataset or parquet layout or
+  COCO's; returns the `data.<split>` overrides that read them."""
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(root, exist_ok=True)
+  chunks = [examples[i:i + per_shard]
+            for i in range(0, len(examples), per_shard)]
+  if fmt == "webdataset":
+    for j, chunk in enumerate(chunks):
+      write_tar(os.path.join(root, f"{j:05d}.tar"), [
+          (key, {"jpg": encode(img, "JPEG", quality=95),
+                 "txt": caps[0].encode(),
+                 "json": json.dumps({"caption": caps[0],
+                                     "key": key}).encode()})
+          for key, img, caps in chunk])
+    return {"path": str(root)}
+  if fmt == "parquet":
+    for j, chunk in enumerate(chunks):
+      write_parquet(os.path.join(root, f"{j:05d}.parquet"), [
+          {"key": key, "jpg": encode(img, "PNG"), "caption": caps[0]}
+          for key, img, caps in chunk])
+    return {"path": str(root)}
+  if fmt == "coco":
+    images = os.path.join(root, "images")
+    os.makedirs(images, exist_ok=True)
+    meta = {"images": [], "annotations": []}
+    for i, (_, img, caps) in enumerate(examples):
+      name = f"{i:012d}.jpg"
+      img.save(os.path.join(images, name), quality=95)
+      meta["images"].append({"id": i, "file_name": name})
+      meta["annotations"] += [{"id": 10 * i + k, "image_id": i, "caption": c}
+                              for k, c in enumerate(caps)]
+    path = os.path.join(root, "captions.json")
+    with open(path, "w") as f:
+      json.dump(meta, f)
+    return {"path": path, "images": images, "records_per_shard": per_shard}
+  raise ValueError(fmt)

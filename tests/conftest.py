@@ -27,7 +27,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # collection order; starting these first keeps one worker from drawing two
 # of them at the end (longest-first scheduling).
 SLOW_FILES = ("test_multiprocess.py", "test_tokenizer_pipeline.py",
-              "test_superres.py", "test_stages.py", "test_embedding_cache.py",
+              "test_superres.py", "test_captioned_pipeline.py",
+              "test_stages.py", "test_embedding_cache.py",
               "test_vq_task.py", "test_trainer.py")
 
 

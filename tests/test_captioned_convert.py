@@ -304,3 +304,83 @@ def test_stream_worker_processes_split_the_shards(tmp_path):
                              num_epochs=1, num_workers=2))
   assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s in range(4)
                                 for i in range(4))
+
+
+# --- Remote paths: the same file layer (etils.epath) as local ones. ---
+
+
+@pytest.fixture
+def fake_bucket():
+  """`gs://` served from memory: an fsspec file system registered under
+  gcsfs's names, which epath's gs:// paths then use (no network)."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from fsspec.implementations import memory  # pylint: disable=g-import-not-at-top
+
+  class FakeGcs(memory.MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    root_marker = ""
+    store = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args, finalize_on_close=False, **kwargs):
+      del finalize_on_close  # gcsfs's option.
+      super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      for prefix in ("gs://", "gcs://"):
+        if path.startswith(prefix):
+          path = path[len(prefix):]
+      return path.rstrip("/")
+
+  registry = sys.modules["fsspec.registry"]  # (fsspec.registry: a mapping)
+  saved = {n: registry._registry.get(n) for n in ("gs", "gcs")}  # pylint: disable=protected-access
+  for name in ("gs", "gcs"):
+    fsspec.register_implementation(name, FakeGcs, clobber=True)
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  yield "gs://bucket"
+  FakeGcs.store.clear()
+  for name, cls in saved.items():
+    if cls is None:
+      registry._registry.pop(name, None)  # pylint: disable=protected-access
+    else:
+      fsspec.register_implementation(name, cls, clobber=True)
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+def _upload(local, remote):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  for root, _, names in os.walk(local):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), local)
+      target = epath.Path(remote) / rel
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(open(os.path.join(root, name), "rb").read())
+
+
+@pytest.mark.parametrize("fmt", ("webdataset", "parquet", "coco"))
+def test_gs_paths_read_and_convert_like_local_ones(tmp_path, fake_bucket,
+                                                   fmt):
+  examples = files.shapes_examples("train", 10)
+  local = files.write_format(tmp_path / "raw", fmt, examples, per_shard=4)
+  _upload(tmp_path / "raw", f"{fake_bucket}/raw")
+  remote = {k: (v.replace(str(tmp_path / "raw"), f"{fake_bucket}/raw")
+                if isinstance(v, str) else v) for k, v in local.items()}
+  outs = []
+  for where, kw in (("local", local), ("remote", remote)):
+    cfg = dataset.SourceConfig(format=fmt, **kw)
+    shards = dataset.list_shards(cfg)
+    out = (str(tmp_path / "out") if where == "local"
+           else f"{fake_bucket}/out")
+    convert.convert(shards, out, "train", files.fake_tokens, batch_size=3)
+    outs.append(convert.finalize(out, "train", len(shards)))
+    if where == "remote":
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      names = sorted(p.name for p in epath.Path(out).iterdir())
+      local_names = sorted(os.listdir(tmp_path / "out"))
+      assert names == local_names
+      for name in names:
+        assert (epath.Path(out) / name).read_bytes() == open(
+            tmp_path / "out" / name, "rb").read(), name
+  assert outs[0]["num_records"] == outs[1]["num_records"] == 10

@@ -20,13 +20,17 @@ CLIS = ("muse_jax.main", "muse_jax.sample", "muse_jax.edit",
         "benchmarks.text_encoder", "benchmarks.text_encoder_aot")
 # Run by the peers' own virtual environment (PyTorch), not importable here.
 PEERS = "benchmarks.peers"
+# Modules of an optional extra: imported where their package is installed.
+EXTRAS = {"muse_jax.data.seqio_tasks": "seqio"}
 
 _PROBE = r"""
-import importlib, json, pkgutil, sys
+import importlib, importlib.util, json, pkgutil, sys
 from absl import flags
 import muse_jax, benchmarks, configs
 clis = set(json.loads(sys.argv[1]))
 peers = sys.argv[2]
+extras = json.loads(sys.argv[3])
+clis |= {m for m, dep in extras.items() if importlib.util.find_spec(dep) is None}
 names = []
 for pkg in (muse_jax, benchmarks, configs):
   names.append(pkg.__name__)
@@ -47,7 +51,8 @@ print(json.dumps(dict(modules=len(names), defined=defined)))
 def test_library_modules_import_together_and_define_no_flags():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
-      [sys.executable, "-c", _PROBE, json.dumps(CLIS), PEERS], cwd=root,
+      [sys.executable, "-c", _PROBE, json.dumps(CLIS), PEERS,
+       json.dumps(EXTRAS)], cwd=root,
       capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-3000:]

@@ -9,6 +9,9 @@
 * ``"photos"``: random crops of the photographs bundled with scikit-image
   (`data.photos`; whole photographs held out), for tokenizer training on
   real images. Nothing to build: the stage records the split's photos.
+* ``"captioned"``: a real captioned dataset (webdataset, parquet, COCO,
+  image folder, TFDS; `stages.captioned`, `configs/cc3m.py`). Nothing to
+  build: the stage lists the train and validation shards.
 
 `image_iterator` and `heldout_images` serve the tokenizer stages either way.
 
@@ -30,9 +33,10 @@ import numpy as np
 from muse_jax import distributed
 from muse_jax.data import pipeline
 from muse_jax.data import shapes
+from muse_jax.stages import captioned
 from muse_jax.stages import graph
 
-SOURCES = ("shapes", "photos")
+SOURCES = ("shapes", "photos", "captioned")
 
 
 def source_name(config: ml_collections.ConfigDict) -> str:
@@ -76,6 +80,9 @@ def split_source(config, stage_dir: epath.Path, split: str):
 
 def split_captions(config, stage_dir: epath.Path, split: str) -> list[str]:
   """Every caption of one shapes split, in example order."""
+  if source_name(config) != "shapes":
+    raise ValueError(f"data.name={source_name(config)!r}: caption caches "
+                     "cover the shapes splits only")
   source = split_source(config, stage_dir, split)
   out = []
   for i in range(len(source)):
@@ -91,6 +98,9 @@ def image_iterator(config, stage_dir: epath.Path, split: str, *,
   (shapes: rendered at side `size`, default `data.image_size`; with `crop`
   > 0, a random `crop` x `crop` window of each, drawn per example)."""
   from muse_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  if source_name(config) == "captioned":
+    return captioned.image_iterator(config, batch_size=batch_size, seed=seed,
+                                    crop=crop)
   if source_name(config) == "photos":
     from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
     d = config.data
@@ -117,7 +127,10 @@ def image_iterator(config, stage_dir: epath.Path, split: str, *,
 def heldout_images(config, stage_dir: epath.Path, n: int,
                    size: int | None = None) -> np.ndarray:
   """Up to `n` fixed held-out images, uint8 [n, S, S, 3]: the validation
-  split (shapes, at side `size`) or crops of the held-out photographs."""
+  split (shapes, at side `size`; captioned data: its centre squares) or
+  crops of the held-out photographs."""
+  if source_name(config) == "captioned":
+    return captioned.first_images(config, "validation", n)
   if source_name(config) == "photos":
     from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
     d = config.data
@@ -132,6 +145,8 @@ def heldout_images(config, stage_dir: epath.Path, n: int,
 def training_images(config, stage_dir: epath.Path, n: int) -> np.ndarray:
   """The first `n` training images, uint8 [n, S, S, 3] (for photos: the
   crops the tokenizer's iterator serves, before shuffling)."""
+  if source_name(config) == "captioned":
+    return captioned.first_images(config, "train", n)
   if source_name(config) == "photos":
     from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
     d = config.data
@@ -150,6 +165,9 @@ class Data(graph.Stage):
     d = config.data
     if source_name(config) not in SOURCES:
       raise ValueError(f"data.name={source_name(config)!r} not in {SOURCES}")
+    if source_name(config) == "captioned":
+      captioned.check(config)
+      return
     if source_name(config) == "photos":
       if d.image_size % 8 or d.image_size < 8:
         raise ValueError(f"data.image_size={d.image_size}: photo crops must "
@@ -170,6 +188,8 @@ class Data(graph.Stage):
         raise ValueError(f"data.{key} must be >= 0, got {d[key]}")
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
+    if source_name(run.config) == "captioned":
+      return captioned.summary(run.config)
     if source_name(run.config) == "photos":
       from muse_jax.data import photos  # pylint: disable=g-import-not-at-top
       return {"photos": {s: photos.list_photos(s) for s in photos.SPLITS}}

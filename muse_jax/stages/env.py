@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 
 from muse_jax import sharding
@@ -17,9 +18,16 @@ from muse_jax import text_encoders
 class Env:
   """The device mesh, the logical-axis rules and a lazily built encoder."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.mesh = sharding.make_mesh(config.mesh)
+  def __init__(self, config: ml_collections.ConfigDict, *,
+               devices: Any = None):
+    if devices is None:
+      self.mesh = sharding.make_mesh(config.mesh)
+    else:  # All of `devices` on the first (data) axis.
+      self.mesh = sharding.make_mesh(
+          [(name, -1 if i == 0 else 1)
+           for i, (name, _) in enumerate(config.mesh)], devices)
     self.rules = sharding.validate_rules(config.sharding_rules, self.mesh)
+    self._config = config
     # Tokenizer-only pipelines have no text encoder.
     self.text_encoder_config = (
         text_encoders.config_from(config.text_encoder)
@@ -33,6 +41,15 @@ class Env:
       self._text_encoder = text_encoders.make(
           self.text_encoder_config, self.mesh, self.rules)
     return self._text_encoder
+
+  def local(self) -> Env:
+    """An env over this process's devices only, for work each process does
+    on its own inputs (pre-tokenising its own shards): no collective with
+    the other processes, so they need not advance in step. The models it
+    loads are replicated over the data axis."""
+    if jax.process_count() == 1:
+      return self
+    return Env(self._config, devices=jax.local_devices())
 
   @property
   def data_shards(self) -> int:

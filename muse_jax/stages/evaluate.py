@@ -2,9 +2,10 @@
 
 The prompts' stored caption embeddings (the tokenize stage's records) are
 decoded in parallel (`sampling`, Muse's schedule) in batches sharded over
-the data axis, turned into images by the tokenizer and scored by the
-shapes scorer. Process 0 writes `samples.png` and `metrics.json` into this
-stage's directory and publishes both in the workdir.
+the data axis, turned into images by the tokenizer and, on shapes, scored
+by the shapes scorer (captioned data, which has no heldout split: sampled
+and shown only). Process 0 writes `samples.png` and `metrics.json` into
+this stage's directory and publishes both in the workdir.
 
 In the cascade (`CascadeEvaluate`) the base model's tokens go on through
 the super-res model (`superres.sampling`) and the super-res tokenizer: each
@@ -94,7 +95,9 @@ class Evaluate(graph.Stage):
     wanted = {"validation": e.num_validation, "heldout": e.num_heldout}
     first = {"validation": e.get("validation_start", 0), "heldout": 0}
     sample_s, num_images = 0.0, 0
-    for split in EVAL_SPLITS:
+    # Captioned data has no heldout split, and no scene types to score.
+    for split in [s for s in EVAL_SPLITS
+                  if (run.inputs["tokenize"] / f"{s}.json").exists()]:
       source = records.open_source(run.inputs["tokenize"], split)
       lo = first[split]
       n = max(0, min(wanted[split], len(source) - lo))
@@ -117,17 +120,21 @@ class Evaluate(graph.Stage):
       num_images += n
       if not distributed.is_leader():
         continue
-      types = np.asarray([r["scene_type"] for r in recs])
+      scored = "scene_type" in recs[0]
       take = e.grid_prompts // len(EVAL_SPLITS)
       for name, images in outputs.items():
-        scores = [shapes_scorer.score(img, p)
-                  for img, p in zip(images, prompts)]
-        metrics[name] = dict(shapes_scorer.aggregate(scores, types),
-                             num_prompts=n, first_prompt=lo,
+        metrics[name] = dict(num_prompts=n, first_prompt=lo,
                              image_size=int(images.shape[1]))
-        print(f"[evaluate] {name} ({images.shape[1]} px): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in sorted(metrics[name].items())
-            if k.startswith("accuracy")), flush=True)
+        scores = [{"correct": True}] * n
+        if scored:
+          scores = [shapes_scorer.score(img, p)
+                    for img, p in zip(images, prompts)]
+          metrics[name].update(shapes_scorer.aggregate(
+              scores, np.asarray([r["scene_type"] for r in recs])))
+        print(f"[evaluate] {name} ({images.shape[1]} px): {n} prompts"
+              + "".join(f", {k} {v:.3f}"
+                        for k, v in sorted(metrics[name].items())
+                        if k.startswith("accuracy")), flush=True)
         size = max(x.shape[1] for x in outputs.values())
         grid_images += list(_upsample(images[:take], size))
         grid_captions += [

@@ -10,7 +10,10 @@ lacking a caption is an error, and the records are the same. One record per
 example (`data.records`): `tokens` int32 [N], `caption`, `text_emb` bfloat16
 [caption tokens, dim] (padding dropped; readers pad to `max_len`),
 `scene_type` and `index`. Process 0 writes the shards, so a run on several
-processes writes the same files as a run on one.
+processes writes the same files as a run on one. Captioned data
+(`data.name="captioned"`) is pre-tokenised by `captioned.tokenize`
+instead: train and validation records with `tokens`, `caption`, `key` and
+`text_emb`, one shard per input shard.
 
 Stage `sr_tokenize` (`SrTokenize`, the cascade): per example `hr_tokens`,
 the super-res tokenizer's tokens of the same scene rendered at
@@ -38,6 +41,7 @@ from muse_jax.data import records
 from muse_jax.data import shapes
 from muse_jax.models import vqgan
 from muse_jax.stages import artifacts
+from muse_jax.stages import captioned
 from muse_jax.stages import data as data_stage
 from muse_jax.stages import graph
 from muse_jax.text_encoders import cache
@@ -64,6 +68,8 @@ class Tokenize(graph.Stage):
       cache.open_for(cfg)
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
+    if data_stage.source_name(run.config) == "captioned":
+      return captioned.tokenize(run)
     config, env = run.config, run.env
     image_tokens = image_tokenizer(
         config, env, artifacts.load_vq(config, run.inputs["tokenizer"], env),

@@ -10,12 +10,14 @@ squares, batched and, optionally, spread over grain worker processes
 iterator's state is the shard order's state before the current shard plus
 how many examples of that shard were consumed, so a checkpointed iterator
 resumes on the exact next example (the current shard's prefix is re-read
-and dropped; its skips count again in that iterator's tally).
+and dropped; its skips count again in that iterator's tally). Random crops
+and caption choices are seeded by (seed, epoch, record key): a record gets
+new ones every epoch, and the same ones after a resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 import zlib
 
@@ -40,8 +42,9 @@ class _ShardExamplesIterator(grain.DatasetIterator):
     self._examples = None
 
   def _open(self, skip: int) -> None:
-    index = next(self._parent)
-    self._examples = self._shards[index].read(self.tally)
+    epoch, index = next(self._parent)
+    self._examples = ({**ex, "epoch": epoch}
+                      for ex in self._shards[index].read(self.tally))
     for _ in range(skip):
       next(self._examples)
 
@@ -73,7 +76,8 @@ class _ShardExamplesIterator(grain.DatasetIterator):
 
 
 class ShardExamples(grain.IterDataset):
-  """Shard indices (from `parent`) -> the shards' examples, in order."""
+  """(epoch, shard index) pairs (from `parent`) -> the shards' examples, in
+  order, each with its "epoch"."""
 
   def __init__(self, parent: grain.IterDataset,
                shards: Sequence[dataset.Shard]):
@@ -90,9 +94,12 @@ class ShardExamples(grain.IterDataset):
 def stream(shards: Sequence[dataset.Shard], cfg: preprocess.PreprocessConfig,
            *, batch_size: int, seed: int, process_index: int = 0,
            process_count: int = 1, num_epochs: int | None = None,
-           num_workers: int = 0) -> grain.IterDataset:
+           num_workers: int = 0,
+           batch_transform: Callable[[dict[str, Any]], dict[str, Any]]
+           | None = None) -> grain.IterDataset:
   """Batches {"image" uint8 [B, S, S, 3], "caption" [B], "key" [B]} of
-  this process's shards, epoch after epoch (`num_epochs` None: forever)."""
+  this process's shards, epoch after epoch (`num_epochs` None: forever),
+  through `batch_transform` when given (in the workers, if any)."""
   owned = [i for i, _ in dataset.for_process(shards, process_index,
                                              process_count)]
   if not owned:
@@ -100,16 +107,17 @@ def stream(shards: Sequence[dataset.Shard], cfg: preprocess.PreprocessConfig,
                      f"shard: the dataset has {len(shards)}; use fewer "
                      "processes or more shards")
   order = grain.MapDataset.source(owned).shuffle(seed=seed).repeat(
-      num_epochs)
+      num_epochs).map_with_index(lambda i, s: (i // len(owned), s))
   examples = ShardExamples(order.to_iter_dataset(), shards)
 
   def squared(ex: dict[str, Any]) -> dict[str, Any]:
-    # Seeded by the record's key: its random crop (and caption choice) is
-    # the same in every epoch and after a resume.
-    rng = np.random.default_rng([seed, zlib.crc32(ex["key"].encode())])
+    rng = np.random.default_rng(
+        [seed, ex["epoch"], zlib.crc32(ex["key"].encode())])
     return preprocess.preprocess(ex, cfg, rng)
 
   ds = examples.map(squared).batch(batch_size, drop_remainder=True)
+  if batch_transform is not None:
+    ds = ds.map(batch_transform)
   if num_workers:
     # grain's workers read its absl flags; outside an absl app (tests,
     # notebooks) nothing parsed them, so take their defaults.
