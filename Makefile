@@ -17,8 +17,9 @@ BENCH_TOKENIZER_OUT ?= benchmarks/results/tokenizer_cpu.jsonl
 BENCH_TEXT_OUT ?= benchmarks/results/text_encoder_cpu.jsonl
 BENCH_SUPERRES_OUT ?= benchmarks/results/superres_cpu.jsonl
 BENCH_INPUT_OUT ?= benchmarks/results/input_cpu.jsonl
+BENCH_FID_OUT ?= benchmarks/results/fid_cpu.jsonl
 
-.PHONY: demo test test-data install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input clean
+.PHONY: demo test test-data install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input bench-fid clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,7 @@ $(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PEERS_PY) -m pip install -q torch==2.13.0
 	$(PEERS_PY) -m pip install -q -r benchmarks/peers/requirements.txt
 	$(PEERS_PY) -m pip install -q --no-deps muse-maskgit-pytorch==0.3.5
+	$(PEERS_PY) -m pip install -q --no-deps pytorch-fid==0.3.0 torchvision==0.28.0
 	touch $@
 
 ## Ours vs diffusers' aMUSEd and lucidrains' muse-maskgit-pytorch on this CPU,
@@ -87,6 +89,11 @@ bench-text-encoder: install $(PEERS_VENV)/.installed
 bench-superres: install $(PEERS_VENV)/.installed
 	$(PY) -m benchmarks.superres --peers_python=$(PEERS_PY) \
 	    --out=$(BENCH_SUPERRES_OUT)
+
+## Issue 17: FID Inception features/s, ours vs pytorch-fid's network.
+bench-fid: install $(PEERS_VENV)/.installed
+	$(PY) -m benchmarks.fid_inception --peers_python=$(PEERS_PY) \
+	    --out=$(BENCH_FID_OUT)
 
 ## Issue 16: images/s streamed from tar shards (grain workers) and
 ## pre-tokenised.

@@ -34,6 +34,8 @@ setuptools.setup(
         "scikit-image>=0.26",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # The evaluation sweep's trade-off plot (muse_jax.eval).
+        "matplotlib>=3.9",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],

@@ -15,7 +15,8 @@ import sys
 # The programs: each may define flags and is run, never imported by tests.
 CLIS = ("muse_jax.main", "muse_jax.sample", "muse_jax.edit",
         "muse_jax.import_tokenizer",
-        "muse_jax.embed_captions", "muse_jax.pretokenize", "benchmarks.bench",
+        "muse_jax.embed_captions", "muse_jax.pretokenize", "muse_jax.eval",
+        "benchmarks.bench", "benchmarks.fid_inception",
         "benchmarks.tokenizer", "benchmarks.input_pipeline",
         "benchmarks.text_encoder", "benchmarks.text_encoder_aot")
 # Run by the peers' own virtual environment (PyTorch), not importable here.

@@ -318,3 +318,54 @@ def test_sampling_and_decoding_shard_the_batch(finished, monkeypatch):
     shards = array.addressable_shards
     assert len({s.device for s in shards}) == 8
     assert all(s.data.shape[0] == array.shape[0] // 8 for s in shards)
+
+
+def _eval_cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "muse_jax.eval", *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
+def test_eval_cli_sweeps_guidance_with_accuracy_and_fid(finished, tmp_path):
+  """The eval CLI over a finished workdir: 2 scales x 2 schedules, scored
+  by the shapes scorer and FID (Inception weights: random, in pytorch-fid's
+  file layout), a results line per setting, TensorBoard and the plot."""
+  from muse_jax.evaluation import inception_layout  # pylint: disable=g-import-not-at-top
+  from muse_jax.interop import torch_files  # pylint: disable=g-import-not-at-top
+  graph, _ = finished
+  weights = tmp_path / inception_layout.WEIGHTS_FILE
+  torch_files.save(inception_layout.random_state_dict(0), weights)
+  out = tmp_path / "eval"
+  proc = _eval_cli(f"--workdir={graph.workdir}", "--num_prompts=8",
+                   "--guidance=0,1", "--guidance_schedule=constant,linear",
+                   "--metrics=accuracy,fid", f"--inception_path={weights}",
+                   f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ETA" in proc.stdout
+  rows = [json.loads(line) for line in open(out / "results.jsonl")]
+  assert [(r["guidance_scale"], r["guidance_schedule"]) for r in rows] == [
+      (0.0, "constant"), (1.0, "constant"), (0.0, "linear"), (1.0, "linear")]
+  for r in rows:
+    assert 0 <= r["accuracy"] <= 1 and r["num_prompts"] == 8
+    assert np.isfinite(r["fid"]) and r["fid"] > 0
+  # Guidance 0 samples the same tokens under either schedule.
+  assert rows[0]["fid"] == pytest.approx(rows[2]["fid"], rel=1e-6)
+  assert (out / "sweep.png").stat().st_size > 1000
+  assert (out / "validation_fid_reference.npz").exists()
+  assert os.listdir(out / "tb")
+  summary = json.load(open(out / "metrics.json"))
+  assert summary["num_prompts"] == 8 and len(summary["results"]) == 4
+
+
+def test_eval_cli_names_the_missing_inception_file(finished, tmp_path):
+  graph, _ = finished
+  proc = _eval_cli(f"--workdir={graph.workdir}", "--num_prompts=4",
+                   "--metrics=fid", f"--inception_path={tmp_path}/x.pth",
+                   f"--out={tmp_path}/eval")
+  assert proc.returncode == 2
+  line = proc.stderr.strip().splitlines()[-1]
+  assert "pt_inception-2015-12-05-6726825d.pth" in line
+  assert "--inception_path" in line
+  proc = _eval_cli(f"--workdir={graph.workdir}", "--metrics=clip")
+  assert proc.returncode == 2 and "--metrics" in proc.stderr

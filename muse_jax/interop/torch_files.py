@@ -8,7 +8,9 @@ the object in which every tensor is a call to
 every storage a persistent id; only the raw storage bytes live elsewhere.
 `load` unpickles with a restricted unpickler that knows exactly those
 globals (nothing else in the file is executed) and returns the state dict
-with numpy arrays in place of tensors.
+with numpy arrays in place of tensors. `save` writes a numpy state dict in
+the zip format that `torch.load` reads (weights_only included): tests make
+random weights in a peer's file layout without PyTorch.
 """
 
 from __future__ import annotations
@@ -164,3 +166,79 @@ def load(path: str | os.PathLike) -> collections.OrderedDict:
     raise TorchFileError(f"{path}: holds a {type(obj).__name__}, not a "
                          "state dict")
   return _materialise(obj)
+
+
+# --- Writing. ---
+
+_DTYPE_STORAGES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items()}
+
+
+class _Global:
+  """A module-level name written into the pickle as is (torch's names,
+  without importing torch)."""
+
+  def __init__(self, module: str, name: str):
+    self.module, self.name = module, name
+
+  def __call__(self, *args):  # pickle wants a callable; never called.
+    raise TypeError(f"{self.module}.{self.name} is only a name here")
+
+
+class _TensorOut:
+  def __init__(self, array: np.ndarray, key: str):
+    self.array, self.key = np.array(array, order="C"), key
+
+  def __reduce__(self):
+    a = self.array
+    stride = tuple(s // a.itemsize for s in a.strides) if a.ndim else ()
+    storage = _StorageOut(a, self.key)
+    return (_Global("torch._utils", "_rebuild_tensor_v2"),
+            (storage, 0, tuple(a.shape), stride, False,
+             collections.OrderedDict()))
+
+
+class _StorageOut:
+  def __init__(self, array: np.ndarray, key: str):
+    self.array, self.key = array, key
+
+
+class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """The pure-Python pickler, writing `_Global`s as GLOBAL opcodes and
+  storages as torch's persistent ids."""
+
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+
+  def _save_marker(self, obj: _Global) -> None:
+    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+    self.memoize(obj)
+
+  dispatch[_Global] = _save_marker
+
+  def persistent_id(self, obj: Any):
+    if isinstance(obj, _StorageOut):
+      kind = _DTYPE_STORAGES.get(obj.array.dtype)
+      if kind is None:
+        raise TorchFileError(f"tensor {obj.key}: dtype {obj.array.dtype} "
+                             "has no torch storage")
+      return ("storage", _Global("torch", kind), obj.key, "cpu",
+              obj.array.size)
+    return None
+
+
+def save(state_dict: dict[str, Any], path: str | os.PathLike) -> None:
+  """Writes {name: numpy array} as a `torch.save` zip file."""
+  path = os.fspath(path)
+  name = os.path.splitext(os.path.basename(path))[0] or "archive"
+  tensors = collections.OrderedDict(
+      (k, _TensorOut(np.asarray(v), str(i)))
+      for i, (k, v) in enumerate(state_dict.items()))
+  buf = io.BytesIO()
+  _Pickler(buf, protocol=2).dump(tensors)
+  tmp = path + ".tmp"
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+    z.writestr(f"{name}/data.pkl", buf.getvalue())
+    z.writestr(f"{name}/byteorder", "little")
+    for t in tensors.values():
+      z.writestr(f"{name}/data/{t.key}", t.array.tobytes())
+    z.writestr(f"{name}/version", "3\n")
+  os.replace(tmp, path)

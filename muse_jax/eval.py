@@ -1,0 +1,209 @@
+r"""Evaluates a finished workdir, optionally over a sweep of sampler settings.
+
+  python -m muse_jax.eval --workdir=workdir/shapes_demo --num_prompts=300 \
+      --guidance=0,0.5,1,2,3 --guidance_schedule=constant,linear \
+      --out=workdir/shapes_demo/guidance_sweep
+
+Samples `--num_prompts` prompts of a split (the stored caption embeddings
+of the workdir's `tokenize` stage, from `--first_prompt`) under every
+combination of `--guidance`, `--guidance_schedule` and `--temperature`
+(default: the workdir's own setting), with one seed, and scores them:
+
+* `accuracy`: the shapes scorer's compositional accuracy (shapes data);
+* `fid`: FID against the split's real images (pytorch-fid's Inception
+  weights from `--inception_path`; the reference statistics are computed
+  once and cached as `<out>/<split>_fid_reference.npz`, or read from
+  `--fid_reference`, pytorch-fid's `.npz`).
+
+Writes `<out>/results.jsonl` (one line per setting), `<out>/metrics.json`,
+TensorBoard scalars (`<out>/tb`, step = setting index) and, with more
+than one setting, `<out>/sweep.png`: accuracy (or FID) against guidance,
+one line per schedule, the workdir's own setting ringed (Muse Fig. 8 plots
+FID against CLIP score the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+
+from muse_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Trained experiment workdir.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default "
+                           "<workdir>/eval).")
+_SPLIT = flags.DEFINE_string("split", "validation", "Prompt split.")
+_NUM = flags.DEFINE_integer("num_prompts", 300, "Prompts per setting.")
+_FIRST = flags.DEFINE_integer("first_prompt", 0, "First prompt's index.")
+_GUIDANCE = flags.DEFINE_list("guidance", None, "Guidance scales.")
+_SCHEDULES = flags.DEFINE_list("guidance_schedule", None,
+                               "Guidance schedules (constant, linear).")
+_TEMPERATURES = flags.DEFINE_list("temperature", None,
+                                  "Sampling temperatures.")
+_METRICS = flags.DEFINE_list("metrics", ["accuracy"],
+                             "accuracy (shapes), fid.")
+_INCEPTION = flags.DEFINE_string(
+    "inception_path", "", "pytorch-fid's pt_inception-2015-12-05-6726825d"
+    ".pth (for fid).")
+_FID_REFERENCE = flags.DEFINE_string(
+    "fid_reference", "", "Reference statistics (.npz with mu, sigma); "
+    "default: the split's real images.")
+_FID_RESIZE = flags.DEFINE_enum("fid_resize", "pytorch_fid",
+                                ["pytorch_fid", "clean"], "FID resize.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Images per sampling call.")
+
+flags.mark_flags_as_required(["workdir"])
+
+METRICS = ("accuracy", "fid")
+
+
+def main(argv):
+  del argv
+  # pylint: disable=g-import-not-at-top
+  from absl import logging
+  import numpy as np
+  from muse_jax.data import records
+  from muse_jax.evaluation import shapes_scorer
+  from muse_jax.evaluation import sweep
+  from muse_jax.stages import evaluate as evaluate_stage
+  from muse_jax.stages import tokenize
+  from muse_jax.stages import workdir as workdir_lib
+  from muse_jax.training import writers
+  # pylint: enable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)
+  unknown = sorted(set(_METRICS.value) - set(METRICS))
+  if unknown or not _METRICS.value:
+    raise ValueError(f"--metrics {_METRICS.value}: choose from {METRICS}")
+  if _NUM.value < 2 or _FIRST.value < 0:
+    raise ValueError("--num_prompts must be >= 2 and --first_prompt >= 0")
+  config, dirs = workdir_lib.read(_WORKDIR.value)
+  if "tokenize" not in dirs:
+    raise FileNotFoundError(f"{_WORKDIR.value}: no tokenize stage (its "
+                            "stored caption embeddings are the prompts)")
+  source = records.open_source(dirs["tokenize"], _SPLIT.value)
+  lo, hi = _FIRST.value, _FIRST.value + _NUM.value
+  if hi > len(source):
+    raise ValueError(f"--first_prompt + --num_prompts = {hi} > the "
+                     f"{len(source)} prompts of split {_SPLIT.value!r}")
+  recs = [source[i] for i in range(lo, hi)]
+  to_example = tokenize.text_example(source.manifest["max_len"])
+  examples = [to_example(r) for r in recs]
+  emb = np.stack([x["text_emb"] for x in examples]).astype(np.float32)
+  mask = np.stack([x["text_mask"] for x in examples])
+  prompts = [r["caption"].decode() if isinstance(r["caption"], bytes)
+             else str(r["caption"]) for r in recs]
+  if "accuracy" in _METRICS.value and "scene_type" not in recs[0]:
+    raise ValueError("--metrics=accuracy scores shapes scenes; this "
+                     "workdir's data has no scene types (use fid)")
+
+  own = evaluate_stage.sampler_config(config)
+  mark = sweep.Setting(own.guidance_scale, own.guidance_schedule,
+                       own.temperature)
+  settings = sweep.grid(
+      [float(g) for g in (_GUIDANCE.value or [own.guidance_scale])],
+      _SCHEDULES.value or [own.guidance_schedule],
+      [float(t) for t in (_TEMPERATURES.value or [own.temperature])])
+  out = _OUT.value or os.path.join(_WORKDIR.value, "eval")
+  os.makedirs(out, exist_ok=True)
+
+  generate = workdir_lib.load_generator(_WORKDIR.value, superres=True,
+                                        batch_size=_BATCH.value)
+  base_sampler = generate.sampler
+  extractor = reference = None
+  if "fid" in _METRICS.value:
+    from muse_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+    from muse_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+    extractor = fid.Extractor(inception.from_file(_INCEPTION.value),
+                              generate.env.mesh, generate.env.rules,
+                              resize_mode=_FID_RESIZE.value)
+    reference = _fid_reference(config, dirs, extractor, out, hi)
+
+  def sample(setting, a, b):
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    generate.sampler = dataclasses.replace(
+        base_sampler, guidance_scale=setting.guidance_scale,
+        guidance_schedule=setting.guidance_schedule,
+        temperature=setting.temperature)
+    return generate.from_embeddings(emb[a:b], mask[a:b], seed=_SEED.value)
+
+  def score(images):
+    result = {}
+    if "accuracy" in _METRICS.value:
+      scores = [shapes_scorer.score(img, p) for img, p in zip(images, prompts)]
+      result.update(shapes_scorer.aggregate(
+          scores, np.asarray([r["scene_type"] for r in recs])))
+    if extractor is not None:
+      from muse_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+      stats = extractor.statistics(
+          [images[i:i + extractor.batch_size]
+           for i in range(0, len(images), extractor.batch_size)])
+      result["fid"] = fid.frechet_distance(*stats.mu_sigma(), *reference)
+    return result
+
+  results = sweep.run_settings(settings, num_prompts=len(recs),
+                               sample=sample, score=score,
+                               chunk=generate.batch_size)
+  writer = writers.TensorBoardWriter(os.path.join(out, "tb"))
+  with open(os.path.join(out, "results.jsonl"), "w") as f:
+    for i, r in enumerate(results):
+      f.write(json.dumps(r) + "\n")
+      writer.write_scalars(i, {k: float(v) for k, v in r.items()
+                               if isinstance(v, (int, float))
+                               and not isinstance(v, bool)})
+  writer.close()
+  summary = {"workdir": _WORKDIR.value, "split": _SPLIT.value,
+             "first_prompt": lo, "num_prompts": len(recs),
+             "seed": _SEED.value, "steps": base_sampler.num_steps,
+             "recipe_setting": mark.label(), "results": results}
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  y = "accuracy" if "accuracy" in _METRICS.value else "fid"
+  if len(settings) > 1:  # Accuracy (or FID) against the guidance scale.
+    sweep.plot(results, os.path.join(out, "sweep.png"), x="guidance_scale",
+               y=y, mark=mark,
+               title=f"{len(recs)} {_SPLIT.value} prompts, "
+               f"{base_sampler.num_steps} steps")
+  for s, r in zip(settings, results):
+    print(f"{s.label()}: " + ", ".join(
+        f"{k} {r[k]:.3f}" for k in ("accuracy", "fid") if k in r),
+          flush=True)
+  print(f"wrote {out}/results.jsonl and metrics.json"
+        + (" and sweep.png" if len(settings) > 1 else ""), flush=True)
+
+
+def _fid_reference(config, dirs, extractor, out: str, n: int):
+  """(mu, sigma) of the split's first `n` real images, cached."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from muse_jax.data import shapes
+  from muse_jax.evaluation import fid
+  from muse_jax.stages import data as data_stage
+  # pylint: enable=g-import-not-at-top
+  if _FID_REFERENCE.value:
+    return fid.load_statistics(_FID_REFERENCE.value)
+  path = os.path.join(out, f"{_SPLIT.value}_fid_reference.npz")
+  if os.path.exists(path):
+    return fid.load_statistics(path)
+  if data_stage.source_name(config) == "captioned":
+    images = data_stage.captioned.first_images(config, _SPLIT.value, n)
+  else:
+    source = data_stage.split_source(config, dirs["data"], _SPLIT.value)
+    key = shapes.image_key(data_stage.image_sizes(config)[-1])
+    images = np.stack([source[i][key] for i in range(min(n, len(source)))])
+  stats = extractor.statistics(
+      [images[i:i + extractor.batch_size]
+       for i in range(0, len(images), extractor.batch_size)])
+  mu, sigma = stats.mu_sigma()
+  fid.save_statistics(path, mu, sigma)
+  return mu, sigma
+
+
+def run():
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
