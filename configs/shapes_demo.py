@@ -25,6 +25,10 @@ tokens_per_step 4.0; validation accuracy single 0.85, count 0.55, relation
 With the VQGAN tokenizer task (2026-12-04, AMD EPYC Zen 4 class, shared
 with another job for 20 min): 32m16s; validation single 0.88, count 0.57,
 relation 0.16, overall 0.537; heldout overall 0.056.
+2026-12-04, 2-core Intel Xeon (Sapphire Rapids class, AVX-512 + AMX),
+shared with test runs for part of it: 24m41s (transformer 1167 s);
+validation single 0.88, count 0.72, relation 0.35, overall 0.650; heldout
+0.056. Its guidance sweep: README "Evaluation" (python -m muse_jax.eval).
 """
 
 import ml_collections
@@ -150,6 +154,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_heldout=90,
       grid_prompts=24,  # samples.png: half validation, half heldout prompts.
       batch_size=32,
+      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds each
+      # split's FID against its real images ("" = no FID).
+      inception_path="",
   ))
 
   common.mesh_and_rules(c)

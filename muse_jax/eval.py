@@ -127,7 +127,10 @@ def main(argv):
         base_sampler, guidance_scale=setting.guidance_scale,
         guidance_schedule=setting.guidance_schedule,
         temperature=setting.temperature)
-    return generate.from_embeddings(emb[a:b], mask[a:b], seed=_SEED.value)
+    # Slices sample what one call over all prompts (the evaluate stage's)
+    # does: the same randomness per batch.
+    return generate.from_embeddings(emb[a:b], mask[a:b], seed=_SEED.value,
+                                    offset=a)
 
   def score(images):
     result = {}
@@ -135,6 +138,7 @@ def main(argv):
       scores = [shapes_scorer.score(img, p) for img, p in zip(images, prompts)]
       result.update(shapes_scorer.aggregate(
           scores, np.asarray([r["scene_type"] for r in recs])))
+      result["accuracy"] = result["accuracy/overall"]
     if extractor is not None:
       from muse_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
       stats = extractor.statistics(
@@ -177,8 +181,6 @@ def main(argv):
 def _fid_reference(config, dirs, extractor, out: str, n: int):
   """(mu, sigma) of the split's first `n` real images, cached."""
   # pylint: disable=g-import-not-at-top
-  import numpy as np
-  from muse_jax.data import shapes
   from muse_jax.evaluation import fid
   from muse_jax.stages import data as data_stage
   # pylint: enable=g-import-not-at-top
@@ -187,12 +189,8 @@ def _fid_reference(config, dirs, extractor, out: str, n: int):
   path = os.path.join(out, f"{_SPLIT.value}_fid_reference.npz")
   if os.path.exists(path):
     return fid.load_statistics(path)
-  if data_stage.source_name(config) == "captioned":
-    images = data_stage.captioned.first_images(config, _SPLIT.value, n)
-  else:
-    source = data_stage.split_source(config, dirs["data"], _SPLIT.value)
-    key = shapes.image_key(data_stage.image_sizes(config)[-1])
-    images = np.stack([source[i][key] for i in range(min(n, len(source)))])
+  images = data_stage.split_images(config, dirs["data"], _SPLIT.value, n,
+                                   size=data_stage.image_sizes(config)[-1])
   stats = extractor.statistics(
       [images[i:i + extractor.batch_size]
        for i in range(0, len(images), extractor.batch_size)])

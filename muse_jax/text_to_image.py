@@ -73,14 +73,18 @@ class TextToImage:
   def cascade_tokens(
       self, emb: np.ndarray, mask: np.ndarray, *, seed: int = 0,
       negative: tuple[np.ndarray, np.ndarray] | None = None,
-      superres: bool = True, low_tokens: np.ndarray | None = None
-  ) -> tuple[np.ndarray, np.ndarray | None]:
+      superres: bool = True, low_tokens: np.ndarray | None = None,
+      offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """(base token grids int32 [N, g, g], super-res grids [N, G, G] or
     None) for text embeddings [N, L, D]; the super-res model (when there is
     one and `superres`) decodes from the base tokens of the same batch.
 
     `low_tokens` (int [N, g, g] or [N, g*g], e.g. a real image's) replaces
     the base model's sampling: the super-res model alone runs on them.
+    Batch b's randomness is `fold_in(key(seed), offset + b * batch_size)`:
+    calls over consecutive slices of a prompt set (`offset` = the slice's
+    start, a multiple of the batch size) sample what one call over the
+    whole set does.
     """
     n, bs = emb.shape[0], self.batch_size
     grid = self.transformer.cfg.grid_size
@@ -104,7 +108,7 @@ class TextToImage:
           neg = conditioning.Text(
               self._put(np.broadcast_to(negative[0], e.shape)),
               self._put(np.broadcast_to(negative[1], m.shape)))
-        rng = jax.random.fold_in(jax.random.key(seed), start)
+        rng = jax.random.fold_in(jax.random.key(seed), offset + start)
         if low_tokens is None:
           tokens = sampling.sample(self.transformer, rng, cond,
                                    cfg=self.sampler, negative=neg)
@@ -153,10 +157,12 @@ class TextToImage:
     return self.decode(tokens, self.superres.vq)
 
   def from_embeddings(self, emb: np.ndarray, mask: np.ndarray, *,
-                      seed: int = 0, negative=None) -> np.ndarray:
+                      seed: int = 0, negative=None, offset: int = 0
+                      ) -> np.ndarray:
     """The final images: the cascade's high-res ones when there is a
-    super-res stage, else the base model's."""
-    base, hr = self.cascade_tokens(emb, mask, seed=seed, negative=negative)
+    super-res stage, else the base model's (`offset`: `cascade_tokens`)."""
+    base, hr = self.cascade_tokens(emb, mask, seed=seed, negative=negative,
+                                   offset=offset)
     return self.decode(base) if hr is None else self.decode_superres(hr)
 
   def __call__(self, prompts: Sequence[str], *, seed: int = 0,

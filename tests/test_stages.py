@@ -121,6 +121,27 @@ def test_sampling_key_reruns_evaluate_only(finished, tmp_path, capsys):
   assert g.stage_dir("evaluate").name != old
 
 
+def test_inception_path_adds_fid_to_the_evaluation(finished, tmp_path,
+                                                   capsys):
+  from muse_jax.evaluation import inception_layout  # pylint: disable=g-import-not-at-top
+  from muse_jax.interop import torch_files  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / inception_layout.WEIGHTS_FILE
+  torch_files.save(inception_layout.random_state_dict(0), weights)
+  workdir = _copy(finished, tmp_path)
+  config = shapes_demo.get_config("tiny")
+  config.eval.inception_path = str(weights)
+  g = _build(config, workdir, finished)
+  g.run()
+  assert _ran(capsys.readouterr().out) == ["evaluate"]
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  for split in ("validation", "heldout"):
+    assert np.isfinite(metrics[split]["fid"]) and metrics[split]["fid"] > 0
+    assert "accuracy/overall" in metrics[split]
+  config.eval.inception_path = str(tmp_path / "missing.pth")
+  with pytest.raises(FileNotFoundError, match="--config.eval.inception_path"):
+    _build(config, workdir, finished)
+
+
 def test_fingerprints_follow_only_declared_keys():
   base = shapes_demo.get_config("tiny")
   fp = lambda c: {n: stages.build(c, "/tmp/unused", env=object())
@@ -351,6 +372,10 @@ def test_eval_cli_sweeps_guidance_with_accuracy_and_fid(finished, tmp_path):
     assert np.isfinite(r["fid"]) and r["fid"] > 0
   # Guidance 0 samples the same tokens under either schedule.
   assert rows[0]["fid"] == pytest.approx(rows[2]["fid"], rel=1e-6)
+  # The recipe's own setting (1.0, constant) samples what the evaluate
+  # stage sampled for the same prompts.
+  stage = json.loads((graph.workdir / "metrics.json").read_text())
+  assert rows[1]["accuracy"] == stage["validation"]["accuracy/overall"]
   assert (out / "sweep.png").stat().st_size > 1000
   assert (out / "validation_fid_reference.npz").exists()
   assert os.listdir(out / "tb")

@@ -71,20 +71,44 @@ class ConvBN(nnx.Module):
     return jax.nn.relu((y - self.mean[...]) * inv + self.bias[...])
 
 
+def _windows(x: jax.Array, size: int, stride: int, pad: int,
+             fill: float) -> list[jax.Array]:
+  """The size x size shifted (strided) views of `x` [B, H, W, C] whose
+  elementwise max or sum is the pool: XLA:CPU runs these as one fused
+  elementwise loop, several times faster than `reduce_window`."""
+  if pad:
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                constant_values=fill)
+  h, w = x.shape[1:3]
+  oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
+  return [lax.slice(x, (0, i, j, 0),
+                    (x.shape[0], i + (oh - 1) * stride + 1,
+                     j + (ow - 1) * stride + 1, x.shape[3]),
+                    (1, stride, stride, 1))
+          for i in range(size) for j in range(size)]
+
+
 def max_pool(x: jax.Array, size: int, stride: int, pad: int = 0) -> jax.Array:
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, size, size, 1),
-                           (1, stride, stride, 1),
-                           ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  """Max pooling, padding with -inf (PyTorch's `max_pool2d`)."""
+  views = _windows(x, size, stride, pad, -jnp.inf)
+  out = views[0]
+  for v in views[1:]:
+    out = jnp.maximum(out, v)
+  return out
 
 
 def avg_pool_3x3(x: jax.Array) -> jax.Array:
   """3x3, stride 1, padding 1, the padding left out of each mean (TF's
   pooling; PyTorch's `count_include_pad=False`)."""
-  window, pads = (1, 3, 3, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-  total = lax.reduce_window(x, 0.0, lax.add, window, (1, 1, 1, 1), pads)
-  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-  count = lax.reduce_window(ones, 0.0, lax.add, window, (1, 1, 1, 1), pads)
-  return total / count
+  views = _windows(x, 3, 1, 1, 0.0)
+  total = views[0]
+  for v in views[1:]:
+    total = total + v
+  h, w = x.shape[1:3]
+  rows = np.minimum(np.arange(h) + 2, h) - np.maximum(np.arange(h) - 1, 0)
+  cols = np.minimum(np.arange(w) + 2, w) - np.maximum(np.arange(w) - 1, 0)
+  inv = (1.0 / np.outer(rows, cols)).astype(np.float32)  # Static shapes.
+  return total * jnp.asarray(inv)[None, :, :, None]
 
 
 class Mixed(nnx.Module):

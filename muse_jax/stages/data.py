@@ -142,6 +142,20 @@ def heldout_images(config, stage_dir: epath.Path, n: int,
   return np.stack([source[i][key] for i in range(min(n, len(source)))])
 
 
+def split_images(config, stage_dir: epath.Path, split: str, n: int,
+                 size: int | None = None) -> np.ndarray:
+  """The first `n` real images of a split, uint8 [n, S, S, 3] (shapes:
+  rendered at side `size`; captioned data: centre squares): what FID
+  compares samples with."""
+  if source_name(config) == "captioned":
+    return captioned.first_images(config, split, n)
+  if source_name(config) == "photos":
+    raise ValueError("data.name='photos' has no caption splits")
+  source = split_source(config, stage_dir, split)
+  key = shapes.image_key(size or config.data.image_size)
+  return np.stack([source[i][key] for i in range(min(n, len(source)))])
+
+
 def training_images(config, stage_dir: epath.Path, n: int) -> np.ndarray:
   """The first `n` training images, uint8 [n, S, S, 3] (for photos: the
   crops the tokenizer's iterator serves, before shuffling)."""

@@ -4,7 +4,9 @@ The prompts' stored caption embeddings (the tokenize stage's records) are
 decoded in parallel (`sampling`, Muse's schedule) in batches sharded over
 the data axis, turned into images by the tokenizer and, on shapes, scored
 by the shapes scorer (captioned data, which has no heldout split: sampled
-and shown only). Process 0 writes `samples.png` and `metrics.json` into
+and shown only). With `eval.inception_path` (pytorch-fid's Inception
+weights) each split also gets its FID against the split's real images
+(`evaluation.fid`). Process 0 writes `samples.png` and `metrics.json` into
 this stage's directory and publishes both in the workdir.
 
 In the cascade (`CascadeEvaluate`) the base model's tokens go on through
@@ -22,6 +24,7 @@ import json
 import time
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 from PIL import Image
@@ -32,6 +35,8 @@ from muse_jax import sampling
 from muse_jax import text_to_image
 from muse_jax.data import records
 from muse_jax.data import shapes
+from muse_jax.evaluation import fid
+from muse_jax.evaluation import inception
 from muse_jax.evaluation import reconstruction
 from muse_jax.evaluation import sample_grid
 from muse_jax.evaluation import shapes_scorer
@@ -64,7 +69,7 @@ def _upsample(images: np.ndarray, size: int) -> np.ndarray:
 
 class Evaluate(graph.Stage):
   name = "evaluate"
-  reads = ("tokenizer", "tokenize", "transformer")
+  reads = ("data", "tokenizer", "tokenize", "transformer")
   config_keys = ("seed", "sampling", "eval")
 
   def check(self, config) -> None:
@@ -76,6 +81,9 @@ class Evaluate(graph.Stage):
         raise ValueError(f"eval.{key} must be >= 0")
     if config.eval.batch_size < 1:
       raise ValueError("eval.batch_size must be >= 1")
+    path = config.eval.get("inception_path", "")
+    if path and not epath.Path(path).exists():
+      raise FileNotFoundError(inception.missing_weights_message(path))
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env, e = run.config, run.env, run.config.eval
@@ -92,6 +100,11 @@ class Evaluate(graph.Stage):
                            superres=sr)
     metrics: dict[str, Any] = {}
     grid_images, grid_captions = [], []
+    extractor = None
+    if e.get("inception_path"):  # FID of each split's samples.
+      extractor = fid.Extractor(inception.from_file(e.inception_path),
+                                env.mesh, env.rules,
+                                batch_size=e.batch_size)
     wanted = {"validation": e.num_validation, "heldout": e.num_heldout}
     first = {"validation": e.get("validation_start", 0), "heldout": 0}
     sample_s, num_images = 0.0, 0
@@ -120,10 +133,17 @@ class Evaluate(graph.Stage):
       num_images += n
       if not distributed.is_leader():
         continue
+      if extractor is not None:
+        for name, images in outputs.items():
+          real = data_stage.split_images(config, run.inputs["data"], split,
+                                         n + lo, size=images.shape[1])[lo:]
+          metrics.setdefault(name, {})["fid"] = fid.frechet_distance(
+              *_stats(extractor, real), *_stats(extractor, images))
       scored = "scene_type" in recs[0]
       take = e.grid_prompts // len(EVAL_SPLITS)
       for name, images in outputs.items():
-        metrics[name] = dict(num_prompts=n, first_prompt=lo,
+        metrics[name] = dict(metrics.get(name, {}), num_prompts=n,
+                             first_prompt=lo,
                              image_size=int(images.shape[1]))
         scores = [{"correct": True}] * n
         if scored:
@@ -134,7 +154,7 @@ class Evaluate(graph.Stage):
         print(f"[evaluate] {name} ({images.shape[1]} px): {n} prompts"
               + "".join(f", {k} {v:.3f}"
                         for k, v in sorted(metrics[name].items())
-                        if k.startswith("accuracy")), flush=True)
+                        if k.startswith(("accuracy", "fid"))), flush=True)
         size = max(x.shape[1] for x in outputs.values())
         grid_images += list(_upsample(images[:take], size))
         grid_captions += [
@@ -177,6 +197,12 @@ class Evaluate(graph.Stage):
                     ) -> dict[str, Any]:
     del run, generate
     return {}
+
+
+def _stats(extractor: fid.Extractor, images: np.ndarray):
+  return extractor.statistics(
+      [images[i:i + extractor.batch_size]
+       for i in range(0, len(images), extractor.batch_size)]).mu_sigma()
 
 
 class CascadeEvaluate(Evaluate):
