@@ -12,8 +12,8 @@ combination of `--guidance`, `--guidance_schedule` and `--temperature`
 * `accuracy`: the shapes scorer's compositional accuracy (shapes data);
 * `fid`: FID against the split's real images (pytorch-fid's Inception
   weights from `--inception_path`; the reference statistics are computed
-  once and cached as `<out>/<split>_fid_reference.npz`, or read from
-  `--fid_reference`, pytorch-fid's `.npz`).
+  once and cached beside the dataset, in the data stage's directory, or
+  read from `--fid_reference`, pytorch-fid's `.npz`).
 
 Writes `<out>/results.jsonl` (one line per setting), `<out>/metrics.json`,
 TensorBoard scalars (`<out>/tb`, step = setting index) and, with more
@@ -179,24 +179,24 @@ def main(argv):
 
 
 def _fid_reference(config, dirs, extractor, out: str, n: int):
-  """(mu, sigma) of the split's first `n` real images, cached."""
+  """(mu, sigma) of the split's first `n` real images: `--fid_reference`,
+  or computed once and cached beside the dataset (the data stage's
+  directory), so every evaluation of it shares them."""
   # pylint: disable=g-import-not-at-top
   from muse_jax.evaluation import fid
   from muse_jax.stages import data as data_stage
   # pylint: enable=g-import-not-at-top
+  del out
   if _FID_REFERENCE.value:
     return fid.load_statistics(_FID_REFERENCE.value)
-  path = os.path.join(out, f"{_SPLIT.value}_fid_reference.npz")
-  if os.path.exists(path):
-    return fid.load_statistics(path)
-  images = data_stage.split_images(config, dirs["data"], _SPLIT.value, n,
-                                   size=data_stage.image_sizes(config)[-1])
-  stats = extractor.statistics(
-      [images[i:i + extractor.batch_size]
-       for i in range(0, len(images), extractor.batch_size)])
-  mu, sigma = stats.mu_sigma()
-  fid.save_statistics(path, mu, sigma)
-  return mu, sigma
+  size = data_stage.image_sizes(config)[-1]
+  path = os.path.join(
+      dirs["data"], f"fid_reference_{_SPLIT.value}_{n}_{size}px_"
+      f"{_FID_RESIZE.value}.npz")
+  return fid.cached_statistics(
+      path, lambda: data_stage.split_images(config, dirs["data"],
+                                            _SPLIT.value, n, size=size),
+      extractor)
 
 
 def run():

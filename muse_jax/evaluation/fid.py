@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+import os
 import warnings
 
 from etils import epath
@@ -133,11 +134,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 
 def save_statistics(path: epath.PathLike, mu: np.ndarray,
                     sigma: np.ndarray) -> None:
-  """pytorch-fid's `.npz` (`mu`, `sigma`)."""
+  """pytorch-fid's `.npz` (`mu`, `sigma`), written whole then renamed
+  (processes writing the same cache do not corrupt it)."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
+  tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+  with tmp.open("wb") as f:
     np.savez(f, mu=mu, sigma=sigma)
+  tmp.replace(path)
 
 
 def load_statistics(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +154,21 @@ def load_statistics(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
       raise ValueError(f"{path}: not FID statistics (no {sorted(missing)}; "
                        f"has {z.files})")
     return np.asarray(z["mu"]), np.asarray(z["sigma"])
+
+
+def cached_statistics(path: epath.PathLike, images, extractor: "Extractor"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Reference (mu, sigma): read from `path` if there, else computed from
+  `images()` (uint8 [N, H, W, 3]) and saved there (pytorch-fid's npz)."""
+  path = epath.Path(path)
+  if path.exists():
+    return load_statistics(path)
+  x = images()
+  mu, sigma = extractor.statistics(
+      [x[i:i + extractor.batch_size]
+       for i in range(0, len(x), extractor.batch_size)]).mu_sigma()
+  save_statistics(path, mu, sigma)
+  return mu, sigma
 
 
 class Extractor:

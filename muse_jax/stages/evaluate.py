@@ -135,10 +135,15 @@ class Evaluate(graph.Stage):
         continue
       if extractor is not None:
         for name, images in outputs.items():
-          real = data_stage.split_images(config, run.inputs["data"], split,
-                                         n + lo, size=images.shape[1])[lo:]
+          size = images.shape[1]
+          reference = fid.cached_statistics(
+              run.inputs["data"] / f"fid_reference_{split}_{lo}-{lo + n}_"
+              f"{size}px_pytorch_fid.npz",
+              lambda size=size: data_stage.split_images(
+                  config, run.inputs["data"], split, n + lo, size=size)[lo:],
+              extractor)
           metrics.setdefault(name, {})["fid"] = fid.frechet_distance(
-              *_stats(extractor, real), *_stats(extractor, images))
+              *_stats(extractor, images), *reference)
       scored = "scene_type" in recs[0]
       take = e.grid_prompts // len(EVAL_SPLITS)
       for name, images in outputs.items():
