@@ -157,6 +157,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds each
       # split's FID against its real images ("" = no FID).
       inception_path="",
+      # A CLIP checkpoint (OpenAI's ViT-L-14.pt, an open_clip or HF file of
+      # clip_model): adds each split's CLIP score ("" = none).
+      clip_path="",
+      clip_model="ViT-L-14-quickgelu",  # Or a JSON file of CLIPArch fields.
+      clip_tokenizer="",  # "" = OpenAI's BPE inside open_clip/clip-anytorch.
   ))
 
   common.mesh_and_rules(c)

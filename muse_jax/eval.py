@@ -13,13 +13,16 @@ combination of `--guidance`, `--guidance_schedule` and `--temperature`
 * `fid`: FID against the split's real images (pytorch-fid's Inception
   weights from `--inception_path`; the reference statistics are computed
   once and cached beside the dataset, in the data stage's directory, or
-  read from `--fid_reference`, pytorch-fid's `.npz`).
+  read from `--fid_reference`, pytorch-fid's `.npz`);
+* `clip`: CLIP score, the mean cosine of each image's and its caption's
+  CLIP embeddings (`--clip_path`: OpenAI's `ViT-L-14.pt`, an open_clip or
+  HF checkpoint of `--clip_model`).
 
 Writes `<out>/results.jsonl` (one line per setting), `<out>/metrics.json`,
 TensorBoard scalars (`<out>/tb`, step = setting index) and, with more
-than one setting, `<out>/sweep.png`: accuracy (or FID) against guidance,
-one line per schedule, the workdir's own setting ringed (Muse Fig. 8 plots
-FID against CLIP score the same way).
+than one setting, `<out>/sweep.png`: FID against CLIP score when both are
+measured (Muse's Figure 8), else accuracy (or FID, or CLIP score) against
+guidance; one line per schedule, the workdir's own setting ringed.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ _SCHEDULES = flags.DEFINE_list("guidance_schedule", None,
 _TEMPERATURES = flags.DEFINE_list("temperature", None,
                                   "Sampling temperatures.")
 _METRICS = flags.DEFINE_list("metrics", ["accuracy"],
-                             "accuracy (shapes), fid.")
+                             "accuracy (shapes), fid, clip.")
 _INCEPTION = flags.DEFINE_string(
     "inception_path", "", "pytorch-fid's pt_inception-2015-12-05-6726825d"
     ".pth (for fid).")
@@ -52,12 +55,22 @@ _FID_REFERENCE = flags.DEFINE_string(
     "default: the split's real images.")
 _FID_RESIZE = flags.DEFINE_enum("fid_resize", "pytorch_fid",
                                 ["pytorch_fid", "clean"], "FID resize.")
+_CLIP_PATH = flags.DEFINE_string(
+    "clip_path", "", "CLIP checkpoint (for clip): OpenAI's ViT-L-14.pt, an "
+    "open_clip .bin/.safetensors or a HF CLIPModel directory.")
+_CLIP_MODEL = flags.DEFINE_string(
+    "clip_model", "ViT-L-14-quickgelu", "open_clip model name of "
+    "--clip_path (ViT-B-32, ViT-L-14, their -quickgelu forms for OpenAI's "
+    "weights) or a JSON file of clip_layout.CLIPArch fields.")
+_CLIP_TOKENIZER = flags.DEFINE_string(
+    "clip_tokenizer", "", "CLIP BPE (bpe_simple_vocab_16e6.txt.gz or a HF "
+    "tokenizer.json); default: the one inside open_clip or clip-anytorch.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Images per sampling call.")
 
 flags.mark_flags_as_required(["workdir"])
 
-METRICS = ("accuracy", "fid")
+METRICS = ("accuracy", "fid", "clip")
 
 
 def main(argv):
@@ -99,6 +112,16 @@ def main(argv):
     raise ValueError("--metrics=accuracy scores shapes scenes; this "
                      "workdir's data has no scene types (use fid)")
 
+  scorer_config = None
+  if "clip" in _METRICS.value:
+    from muse_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
+    scorer_config = clip_score.ScorerConfig(
+        _CLIP_PATH.value, _CLIP_MODEL.value, _CLIP_TOKENIZER.value,
+        batch_size=_BATCH.value or 32)
+    if not os.path.exists(_CLIP_PATH.value):  # Before any sampling.
+      raise FileNotFoundError(clip_score.missing_weights_message(
+          _CLIP_PATH.value, _CLIP_MODEL.value))
+
   own = evaluate_stage.sampler_config(config)
   mark = sweep.Setting(own.guidance_scale, own.guidance_schedule,
                        own.temperature)
@@ -120,6 +143,10 @@ def main(argv):
                               generate.env.mesh, generate.env.rules,
                               resize_mode=_FID_RESIZE.value)
     reference = _fid_reference(config, dirs, extractor, out, hi)
+  scorer = None
+  if scorer_config is not None:
+    scorer = clip_score.CLIPScorer(scorer_config, generate.env.mesh,
+                                   generate.env.rules)
 
   def sample(setting, a, b):
     import dataclasses  # pylint: disable=g-import-not-at-top
@@ -145,6 +172,8 @@ def main(argv):
           [images[i:i + extractor.batch_size]
            for i in range(0, len(images), extractor.batch_size)])
       result["fid"] = fid.frechet_distance(*stats.mu_sigma(), *reference)
+    if scorer is not None:
+      result["clip_score"] = float(scorer.score(images, prompts).mean())
     return result
 
   results = sweep.run_settings(settings, num_prompts=len(recs),
@@ -164,15 +193,20 @@ def main(argv):
              "recipe_setting": mark.label(), "results": results}
   with open(os.path.join(out, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  y = "accuracy" if "accuracy" in _METRICS.value else "fid"
-  if len(settings) > 1:  # Accuracy (or FID) against the guidance scale.
-    sweep.plot(results, os.path.join(out, "sweep.png"), x="guidance_scale",
-               y=y, mark=mark,
+  # Accuracy, else FID, else CLIP score against the guidance scale.
+  y = next(k for m, k in (("accuracy", "accuracy"), ("fid", "fid"),
+                          ("clip", "clip_score")) if m in _METRICS.value)
+  x = "guidance_scale"
+  if "fid" in _METRICS.value and "clip" in _METRICS.value:
+    x, y = "clip_score", "fid"  # The trade-off of Muse's Figure 8.
+  if len(settings) > 1:
+    sweep.plot(results, os.path.join(out, "sweep.png"), x=x, y=y, mark=mark,
                title=f"{len(recs)} {_SPLIT.value} prompts, "
                f"{base_sampler.num_steps} steps")
   for s, r in zip(settings, results):
     print(f"{s.label()}: " + ", ".join(
-        f"{k} {r[k]:.3f}" for k in ("accuracy", "fid") if k in r),
+        f"{k} {r[k]:.3f}" for k in ("accuracy", "fid", "clip_score")
+        if k in r),
           flush=True)
   print(f"wrote {out}/results.jsonl and metrics.json"
         + (" and sweep.png" if len(settings) > 1 else ""), flush=True)

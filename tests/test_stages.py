@@ -121,8 +121,8 @@ def test_sampling_key_reruns_evaluate_only(finished, tmp_path, capsys):
   assert g.stage_dir("evaluate").name != old
 
 
-def test_inception_path_adds_fid_to_the_evaluation(finished, tmp_path,
-                                                   capsys):
+def test_inception_and_clip_paths_add_fid_and_clip_score(finished,
+                                                         tmp_path, capsys):
   from muse_jax.evaluation import inception_layout  # pylint: disable=g-import-not-at-top
   from muse_jax.interop import torch_files  # pylint: disable=g-import-not-at-top
   weights = tmp_path / inception_layout.WEIGHTS_FILE
@@ -130,15 +130,23 @@ def test_inception_path_adds_fid_to_the_evaluation(finished, tmp_path,
   workdir = _copy(finished, tmp_path)
   config = shapes_demo.get_config("tiny")
   config.eval.update(inception_path=str(weights), num_heldout=0)
+  clip_dir = os.path.join(REPO, "tests", "golden", "clip_score_tiny")
+  config.eval.update(clip_path=f"{clip_dir}/openai_jit.pt",
+                     clip_model=f"{clip_dir}/arch.json",
+                     clip_tokenizer=f"{REPO}/tests/golden/clip_tiny")
   g = _build(config, workdir, finished)
   g.run()
   assert _ran(capsys.readouterr().out) == ["evaluate"]
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert np.isfinite(metrics["validation"]["fid"])
   assert metrics["validation"]["fid"] > 0
+  assert -1 <= metrics["validation"]["clip_score"] <= 1
   assert "accuracy/overall" in metrics["validation"]
   config.eval.inception_path = str(tmp_path / "missing.pth")
   with pytest.raises(FileNotFoundError, match="--config.eval.inception_path"):
+    _build(config, workdir, finished)
+  config.eval.update(inception_path="", clip_path=str(tmp_path / "c.pt"))
+  with pytest.raises(FileNotFoundError, match="--config.eval.clip_path"):
     _build(config, workdir, finished)
 
 
@@ -341,6 +349,12 @@ def test_sampling_and_decoding_shard_the_batch(finished, monkeypatch):
     assert all(s.data.shape[0] == array.shape[0] // 8 for s in shards)
 
 
+_CLIP_DIR = os.path.join(REPO, "tests", "golden", "clip_score_tiny")
+_TINY_CLIP_FLAGS = (f"--clip_path={_CLIP_DIR}/openai_jit.pt",
+                    f"--clip_model={_CLIP_DIR}/arch.json",
+                    f"--clip_tokenizer={REPO}/tests/golden/clip_tiny")
+
+
 def _eval_cli(*args, timeout=300):
   # One device: the Inception network runs faster on 2 cores unsplit.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -350,10 +364,13 @@ def _eval_cli(*args, timeout=300):
                         timeout=timeout, env=env)
 
 
-def test_eval_cli_sweeps_guidance_with_accuracy_and_fid(finished, tmp_path):
-  """The eval CLI over a finished workdir: 2 scales x 2 schedules, scored
-  by the shapes scorer and FID (Inception weights: random, in pytorch-fid's
-  file layout), a results line per setting, TensorBoard and the plot."""
+def test_eval_cli_sweeps_guidance_with_accuracy_fid_and_clip(finished,
+                                                           tmp_path):
+  """The eval CLI over a finished workdir: 1 scale x 2 schedules, scored
+  by the shapes scorer, FID (Inception weights: random, in pytorch-fid's
+  file layout) and CLIP score (the tiny OpenAI-format CLIP of
+  test_clip_score), a results line per setting, TensorBoard and the plot
+  of FID against CLIP score."""
   from muse_jax.evaluation import inception_layout  # pylint: disable=g-import-not-at-top
   from muse_jax.interop import torch_files  # pylint: disable=g-import-not-at-top
   graph, _ = finished
@@ -362,8 +379,8 @@ def test_eval_cli_sweeps_guidance_with_accuracy_and_fid(finished, tmp_path):
   out = tmp_path / "eval"
   proc = _eval_cli(f"--workdir={graph.workdir}", "--num_prompts=8",
                    "--guidance=1", "--guidance_schedule=constant,linear",
-                   "--metrics=accuracy,fid", f"--inception_path={weights}",
-                   f"--out={out}")
+                   "--metrics=accuracy,fid,clip", f"--inception_path={weights}",
+                   *_TINY_CLIP_FLAGS, f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ETA" in proc.stdout
   rows = [json.loads(line) for line in open(out / "results.jsonl")]
@@ -372,6 +389,7 @@ def test_eval_cli_sweeps_guidance_with_accuracy_and_fid(finished, tmp_path):
   for r in rows:
     assert 0 <= r["accuracy"] <= 1 and r["num_prompts"] == 8
     assert np.isfinite(r["fid"]) and r["fid"] > 0
+    assert -1 <= r["clip_score"] <= 1 and r["clip_score"] != 0
   # The recipe's own setting (1.0, constant) samples what the evaluate
   # stage sampled for the same prompts.
   stage = json.loads((graph.workdir / "metrics.json").read_text())
@@ -394,5 +412,10 @@ def test_eval_cli_names_the_missing_inception_file(finished, tmp_path):
   line = proc.stderr.strip().splitlines()[-1]
   assert "pt_inception-2015-12-05-6726825d.pth" in line
   assert "--inception_path" in line
-  proc = _eval_cli(f"--workdir={graph.workdir}", "--metrics=clip")
+  proc = _eval_cli(f"--workdir={graph.workdir}", "--num_prompts=4",
+                   "--metrics=clip", f"--clip_path={tmp_path}/ViT-L-14.pt")
+  assert proc.returncode == 2
+  line = proc.stderr.strip().splitlines()[-1]
+  assert "ViT-L-14.pt" in line and "--clip_path" in line
+  proc = _eval_cli(f"--workdir={graph.workdir}", "--metrics=bleu")
   assert proc.returncode == 2 and "--metrics" in proc.stderr

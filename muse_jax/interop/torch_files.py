@@ -8,7 +8,9 @@ the object in which every tensor is a call to
 every storage a persistent id; only the raw storage bytes live elsewhere.
 `load` unpickles with a restricted unpickler that knows exactly those
 globals (nothing else in the file is executed) and returns the state dict
-with numpy arrays in place of tensors. `save` writes a numpy state dict in
+with numpy arrays in place of tensors (for a TorchScript archive: every tensor
+attribute of the module tree under its dotted name, as `state_dict()` names
+parameters and buffers). `save` writes a numpy state dict in
 the zip format that `torch.load` reads (weights_only included): tests make
 random weights in a peer's file layout without PyTorch.
 """
@@ -73,15 +75,52 @@ def _rebuild_parameter(tensor, *unused):
   return tensor
 
 
-class _Unpickler(pickle.Unpickler):
-  """Knows the globals a state dict needs, and refuses every other one."""
+class _ScriptModule:
+  """A TorchScript module object (`__torch__.*` class): its attributes."""
 
-  def __init__(self, file: BinaryIO, source: str):
+  def __init__(self, qualified_name: str):
+    self.qualified_name = qualified_name
+    self.attributes: dict[str, Any] = {}
+
+  def __setstate__(self, state: Any) -> None:
+    if isinstance(state, dict):
+      self.attributes.update(state)
+
+
+def _script_class(qualified_name: str) -> type:
+  """A class whose instances (made by NEWOBJ) are `_ScriptModule`s."""
+
+  class _Instance(_ScriptModule):
+
+    def __new__(cls, *unused):
+      obj = object.__new__(cls)
+      _ScriptModule.__init__(obj, qualified_name)
+      return obj
+
+    def __init__(self, *unused):  # pylint: disable=super-init-not-called
+      pass
+
+  return _Instance
+
+
+class _Unpickler(pickle.Unpickler):
+  """Knows the globals a state dict needs, and refuses every other one.
+
+  With `script=True` (a TorchScript archive) the module classes
+  (`__torch__.*`) are accepted too, as inert attribute holders: no code of
+  the archive is run.
+  """
+
+  def __init__(self, file: BinaryIO, source: str, script: bool = False):
     super().__init__(file)
     self.source = source
+    self.script = script
     self.storages: dict[str, _Storage] = {}
 
   def find_class(self, module: str, name: str) -> Any:
+    if self.script and (module == "__torch__"
+                        or module.startswith("__torch__.")):
+      return _script_class(f"{module}.{name}")
     if module == "collections" and name == "OrderedDict":
       return collections.OrderedDict
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -102,6 +141,18 @@ class _Unpickler(pickle.Unpickler):
     return self.storages[key]
 
 
+def _flatten_script(obj: _ScriptModule, prefix: str = "",
+                    out: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The tensors of a TorchScript module tree, by dotted attribute name."""
+  out = collections.OrderedDict() if out is None else out
+  for name, value in obj.attributes.items():
+    if isinstance(value, _ScriptModule):
+      _flatten_script(value, f"{prefix}{name}.", out)
+    elif isinstance(value, _Tensor):
+      out[f"{prefix}{name}"] = value
+  return out
+
+
 def _materialise(obj: Any) -> Any:
   if isinstance(obj, _Tensor):
     return obj.to_numpy()
@@ -118,8 +169,12 @@ def _load_zip(path: str) -> Any:
     if len(pkl) != 1:
       raise TorchFileError(f"{path}: zip without one data.pkl")
     prefix = pkl[0][: -len("data.pkl")]
-    unpickler = _Unpickler(io.BytesIO(z.read(pkl[0])), path)
+    # TorchScript archives carry the module's code beside the pickle.
+    script = f"{prefix}constants.pkl" in z.namelist()
+    unpickler = _Unpickler(io.BytesIO(z.read(pkl[0])), path, script=script)
     obj = unpickler.load()
+    if isinstance(obj, _ScriptModule):
+      obj = _flatten_script(obj)
     for key, storage in unpickler.storages.items():
       raw = z.read(f"{prefix}data/{key}")
       storage.data = np.frombuffer(raw, storage.dtype, storage.numel)
@@ -152,7 +207,8 @@ def _load_legacy(path: str) -> Any:
 
 
 def load(path: str | os.PathLike) -> collections.OrderedDict:
-  """A `torch.save`d state dict as {name: numpy array}.
+  """A `torch.save`d state dict (or a TorchScript archive's tensors) as
+  {name: numpy array}.
 
   Raises:
     FileNotFoundError: `path` does not exist.

@@ -6,7 +6,9 @@ the data axis, turned into images by the tokenizer and, on shapes, scored
 by the shapes scorer (captioned data, which has no heldout split: sampled
 and shown only). With `eval.inception_path` (pytorch-fid's Inception
 weights) each split also gets its FID against the split's real images
-(`evaluation.fid`). Process 0 writes `samples.png` and `metrics.json` into
+(`evaluation.fid`), and with `eval.clip_path` (a CLIP checkpoint of
+`eval.clip_model`) its CLIP score, the mean cosine of each sample's and its
+caption's CLIP embeddings (`evaluation.clip_score`). Process 0 writes `samples.png` and `metrics.json` into
 this stage's directory and publishes both in the workdir.
 
 In the cascade (`CascadeEvaluate`) the base model's tokens go on through
@@ -35,6 +37,8 @@ from muse_jax import sampling
 from muse_jax import text_to_image
 from muse_jax.data import records
 from muse_jax.data import shapes
+from muse_jax.evaluation import clip_layout
+from muse_jax.evaluation import clip_score
 from muse_jax.evaluation import fid
 from muse_jax.evaluation import inception
 from muse_jax.evaluation import reconstruction
@@ -54,6 +58,16 @@ PUBLISHED = ("samples.png", "metrics.json")
 def sampler_config(config) -> sampling.SamplerConfig:
   return config_types.dataclass_from_config(sampling.SamplerConfig,
                                             config.sampling)
+
+
+def clip_scorer_config(config) -> clip_score.ScorerConfig:
+  """The CLIP-score settings of `config.eval` (clip_path, clip_model,
+  clip_tokenizer; the batch is eval.batch_size)."""
+  e = config.eval
+  return clip_score.ScorerConfig(
+      path=e.get("clip_path", ""),
+      model=e.get("clip_model", clip_score.ScorerConfig.model),
+      tokenizer_path=e.get("clip_tokenizer", ""), batch_size=e.batch_size)
 
 
 def sr_sampler_config(config) -> sampling.SamplerConfig:
@@ -84,6 +98,13 @@ class Evaluate(graph.Stage):
     path = config.eval.get("inception_path", "")
     if path and not epath.Path(path).exists():
       raise FileNotFoundError(inception.missing_weights_message(path))
+    path = config.eval.get("clip_path", "")
+    if path:
+      model = clip_scorer_config(config).model
+      clip_layout.arch(model)  # A known name or a readable JSON file.
+      if not epath.Path(path).exists():
+        raise FileNotFoundError(clip_score.missing_weights_message(path,
+                                                                   model))
 
   def run(self, run: graph.StageRun) -> dict[str, Any]:
     config, env, e = run.config, run.env, run.config.eval
@@ -100,11 +121,14 @@ class Evaluate(graph.Stage):
                            superres=sr)
     metrics: dict[str, Any] = {}
     grid_images, grid_captions = [], []
-    extractor = None
+    extractor = scorer = None
     if e.get("inception_path"):  # FID of each split's samples.
       extractor = fid.Extractor(inception.from_file(e.inception_path),
                                 env.mesh, env.rules,
                                 batch_size=e.batch_size)
+    if e.get("clip_path"):  # CLIP score of each split's samples.
+      scorer = clip_score.CLIPScorer(clip_scorer_config(config), env.mesh,
+                                     env.rules)
     wanted = {"validation": e.num_validation, "heldout": e.num_heldout}
     first = {"validation": e.get("validation_start", 0), "heldout": 0}
     sample_s, num_images = 0.0, 0
@@ -144,6 +168,12 @@ class Evaluate(graph.Stage):
               extractor)
           metrics.setdefault(name, {})["fid"] = fid.frechet_distance(
               *_stats(extractor, images), *reference)
+      if scorer is not None:
+        texts = [p.decode() if isinstance(p, bytes) else str(p)
+                 for p in prompts]
+        for name, images in outputs.items():
+          metrics.setdefault(name, {})["clip_score"] = float(
+              scorer.score(images, texts).mean())
       scored = "scene_type" in recs[0]
       take = e.grid_prompts // len(EVAL_SPLITS)
       for name, images in outputs.items():
@@ -159,7 +189,8 @@ class Evaluate(graph.Stage):
         print(f"[evaluate] {name} ({images.shape[1]} px): {n} prompts"
               + "".join(f", {k} {v:.3f}"
                         for k, v in sorted(metrics[name].items())
-                        if k.startswith(("accuracy", "fid"))), flush=True)
+                        if k.startswith(("accuracy", "fid", "clip"))),
+              flush=True)
         size = max(x.shape[1] for x in outputs.values())
         grid_images += list(_upsample(images[:take], size))
         grid_captions += [

@@ -46,22 +46,12 @@ _Convert = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class Entry:
   """One checkpoint tensor: its expected shape and the parameters it fills
   (several for OpenCLIP's fused q/k/v projection)."""
 
   shape: tuple[int, ...]
   targets: tuple[tuple[nnx.Param, _Convert], ...]
-
-
-def _layout_helpers(cfg: clip.CLIPTextConfig):
-  heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-  d = cfg.hidden_size
-  # torch Linear stores [out, in]; our Einsum kernels are [in, ...out].
-  qkv_kernel = lambda a: a.T.reshape(d, heads, head_dim)
-  qkv_bias = lambda a: a.reshape(heads, head_dim)
-  out_kernel = lambda a: a.T.reshape(heads, head_dim, d)
-  return qkv_kernel, qkv_bias, out_kernel
 
 
 def _ident(a: np.ndarray) -> np.ndarray:
@@ -72,99 +62,127 @@ def _transpose(a: np.ndarray) -> np.ndarray:
   return a.T
 
 
-def _hf_entries(model: clip.CLIPTextTransformer) -> dict[str, _Entry]:
+def _norm_entries(name_w: str, name_b: str, norm, d: int
+                  ) -> dict[str, Entry]:
+  return {name_w: Entry((d,), ((norm.scale, _ident),)),
+          name_b: Entry((d,), ((norm.bias, _ident),))}
+
+
+def hf_layer_entries(layer: clip.CLIPLayer, prefix: str, d: int, f: int,
+                     heads: int) -> dict[str, Entry]:
+  """One transformer layer in HF's layout (`...layers.N.` = `prefix`):
+  separate q/k/v/out projections, fc1/fc2, layer_norm1/2."""
+  head_dim = d // heads
+  # torch Linear stores [out, in]; our Einsum kernels are [in, ...out].
+  qkv_kernel = lambda a: a.T.reshape(d, heads, head_dim)
+  qkv_bias = lambda a: a.reshape(heads, head_dim)
+  out_kernel = lambda a: a.T.reshape(heads, head_dim, d)
+  attn = layer.attention
+  entries = {}
+  for name, proj in (("q", attn.query), ("k", attn.key), ("v", attn.value)):
+    entries[f"{prefix}self_attn.{name}_proj.weight"] = Entry(
+        (d, d), ((proj.kernel, qkv_kernel),))
+    entries[f"{prefix}self_attn.{name}_proj.bias"] = Entry(
+        (d,), ((proj.bias, qkv_bias),))
+  entries.update({
+      f"{prefix}self_attn.out_proj.weight":
+          Entry((d, d), ((attn.out.kernel, out_kernel),)),
+      f"{prefix}self_attn.out_proj.bias":
+          Entry((d,), ((attn.out.bias, _ident),)),
+      f"{prefix}mlp.fc1.weight":
+          Entry((f, d), ((layer.mlp.fc1.kernel, _transpose),)),
+      f"{prefix}mlp.fc1.bias": Entry((f,), ((layer.mlp.fc1.bias, _ident),)),
+      f"{prefix}mlp.fc2.weight":
+          Entry((d, f), ((layer.mlp.fc2.kernel, _transpose),)),
+      f"{prefix}mlp.fc2.bias": Entry((d,), ((layer.mlp.fc2.bias, _ident),)),
+  })
+  for n, norm in ((1, layer.attention_norm), (2, layer.mlp_norm)):
+    entries.update(_norm_entries(f"{prefix}layer_norm{n}.weight",
+                                 f"{prefix}layer_norm{n}.bias", norm, d))
+  return entries
+
+
+def open_clip_layer_entries(layer: clip.CLIPLayer, prefix: str, d: int,
+                            f: int, heads: int) -> dict[str, Entry]:
+  """One residual block in OpenAI's / OpenCLIP's layout (`prefix` =
+  `...resblocks.N.`).
+
+  The attention fuses q, k and v: `in_proj_weight` [3D, D] stacks their
+  torch-layout weights (rows q, then k, then v), `in_proj_bias` [3D] their
+  biases.
+  """
+  head_dim = d // heads
+  qkv_kernel = lambda a: a.T.reshape(d, heads, head_dim)
+  qkv_bias = lambda a: a.reshape(heads, head_dim)
+  out_kernel = lambda a: a.T.reshape(heads, head_dim, d)
+  part = lambda i, conv: (lambda a: conv(a[i * d:(i + 1) * d]))
+  attn = layer.attention
+  projs = (attn.query, attn.key, attn.value)
+  entries = {
+      f"{prefix}attn.in_proj_weight": Entry(
+          (3 * d, d), tuple((proj.kernel, part(j, qkv_kernel))
+                            for j, proj in enumerate(projs))),
+      f"{prefix}attn.in_proj_bias": Entry(
+          (3 * d,), tuple((proj.bias, part(j, qkv_bias))
+                          for j, proj in enumerate(projs))),
+      f"{prefix}attn.out_proj.weight":
+          Entry((d, d), ((attn.out.kernel, out_kernel),)),
+      f"{prefix}attn.out_proj.bias": Entry((d,), ((attn.out.bias, _ident),)),
+      f"{prefix}mlp.c_fc.weight":
+          Entry((f, d), ((layer.mlp.fc1.kernel, _transpose),)),
+      f"{prefix}mlp.c_fc.bias": Entry((f,), ((layer.mlp.fc1.bias, _ident),)),
+      f"{prefix}mlp.c_proj.weight":
+          Entry((d, f), ((layer.mlp.fc2.kernel, _transpose),)),
+      f"{prefix}mlp.c_proj.bias": Entry((d,), ((layer.mlp.fc2.bias, _ident),)),
+  }
+  for n, norm in ((1, layer.attention_norm), (2, layer.mlp_norm)):
+    entries.update(_norm_entries(f"{prefix}ln_{n}.weight",
+                                 f"{prefix}ln_{n}.bias", norm, d))
+  return entries
+
+
+def _hf_entries(model: clip.CLIPTextTransformer) -> dict[str, Entry]:
   """HF CLIPTextModel names -> entries."""
   cfg = model.config
   d, f = cfg.hidden_size, cfg.mlp_dim
-  qkv_kernel, qkv_bias, out_kernel = _layout_helpers(cfg)
   entries = {
       "text_model.embeddings.token_embedding.weight":
-          _Entry((cfg.vocab_size, d), ((model.token_embed.embedding, _ident),)),
+          Entry((cfg.vocab_size, d), ((model.token_embed.embedding, _ident),)),
       "text_model.embeddings.position_embedding.weight":
-          _Entry((cfg.max_position_embeddings, d),
-                 ((model.position_embed.embedding, _ident),)),
-      "text_model.final_layer_norm.weight":
-          _Entry((d,), ((model.final_norm.scale, _ident),)),
-      "text_model.final_layer_norm.bias":
-          _Entry((d,), ((model.final_norm.bias, _ident),)),
+          Entry((cfg.max_position_embeddings, d),
+                ((model.position_embed.embedding, _ident),)),
   }
+  entries.update(_norm_entries("text_model.final_layer_norm.weight",
+                               "text_model.final_layer_norm.bias",
+                               model.final_norm, d))
   for i, layer in enumerate(model.layers):
-    p = f"text_model.encoder.layers.{i}."
-    attn = layer.attention
-    for name, proj in (("q", attn.query), ("k", attn.key), ("v", attn.value)):
-      entries[f"{p}self_attn.{name}_proj.weight"] = _Entry(
-          (d, d), ((proj.kernel, qkv_kernel),))
-      entries[f"{p}self_attn.{name}_proj.bias"] = _Entry(
-          (d,), ((proj.bias, qkv_bias),))
-    entries.update({
-        f"{p}self_attn.out_proj.weight":
-            _Entry((d, d), ((attn.out.kernel, out_kernel),)),
-        f"{p}self_attn.out_proj.bias": _Entry((d,), ((attn.out.bias, _ident),)),
-        f"{p}mlp.fc1.weight":
-            _Entry((f, d), ((layer.mlp.fc1.kernel, _transpose),)),
-        f"{p}mlp.fc1.bias": _Entry((f,), ((layer.mlp.fc1.bias, _ident),)),
-        f"{p}mlp.fc2.weight":
-            _Entry((d, f), ((layer.mlp.fc2.kernel, _transpose),)),
-        f"{p}mlp.fc2.bias": _Entry((d,), ((layer.mlp.fc2.bias, _ident),)),
-    })
-    for n, norm in ((1, layer.attention_norm), (2, layer.mlp_norm)):
-      entries[f"{p}layer_norm{n}.weight"] = _Entry(
-          (d,), ((norm.scale, _ident),))
-      entries[f"{p}layer_norm{n}.bias"] = _Entry((d,), ((norm.bias, _ident),))
+    entries.update(hf_layer_entries(layer, f"text_model.encoder.layers.{i}.",
+                                    d, f, cfg.num_heads))
   if model.projection is not None:
-    entries["text_projection.weight"] = _Entry(
+    entries["text_projection.weight"] = Entry(
         (cfg.projection_dim, d), ((model.projection.kernel, _transpose),))
   return entries
 
 
-def _open_clip_entries(model: clip.CLIPTextTransformer) -> dict[str, _Entry]:
-  """OpenCLIP text-tower names -> entries.
-
-  OpenCLIP's attention fuses q, k and v: `in_proj_weight` [3D, D] stacks
-  their torch-layout weights (rows q, then k, then v), `in_proj_bias` [3D]
-  their biases. `text_projection` is a [D, P] matrix used as x @ P.
-  """
+def _open_clip_entries(model: clip.CLIPTextTransformer) -> dict[str, Entry]:
+  """OpenCLIP text-tower names -> entries (`text_projection` is a [D, P]
+  matrix used as x @ P)."""
   cfg = model.config
   d, f = cfg.hidden_size, cfg.mlp_dim
-  qkv_kernel, qkv_bias, out_kernel = _layout_helpers(cfg)
-  part = lambda i, conv: (lambda a: conv(a[i * d:(i + 1) * d]))
   entries = {
       "token_embedding.weight":
-          _Entry((cfg.vocab_size, d), ((model.token_embed.embedding, _ident),)),
+          Entry((cfg.vocab_size, d), ((model.token_embed.embedding, _ident),)),
       "positional_embedding":
-          _Entry((cfg.max_position_embeddings, d),
-                 ((model.position_embed.embedding, _ident),)),
-      "ln_final.weight": _Entry((d,), ((model.final_norm.scale, _ident),)),
-      "ln_final.bias": _Entry((d,), ((model.final_norm.bias, _ident),)),
+          Entry((cfg.max_position_embeddings, d),
+                ((model.position_embed.embedding, _ident),)),
   }
+  entries.update(_norm_entries("ln_final.weight", "ln_final.bias",
+                               model.final_norm, d))
   for i, layer in enumerate(model.layers):
-    p = f"transformer.resblocks.{i}."
-    attn = layer.attention
-    projs = (attn.query, attn.key, attn.value)
-    entries.update({
-        f"{p}attn.in_proj_weight": _Entry(
-            (3 * d, d),
-            tuple((proj.kernel, part(j, qkv_kernel))
-                  for j, proj in enumerate(projs))),
-        f"{p}attn.in_proj_bias": _Entry(
-            (3 * d,),
-            tuple((proj.bias, part(j, qkv_bias))
-                  for j, proj in enumerate(projs))),
-        f"{p}attn.out_proj.weight":
-            _Entry((d, d), ((attn.out.kernel, out_kernel),)),
-        f"{p}attn.out_proj.bias": _Entry((d,), ((attn.out.bias, _ident),)),
-        f"{p}mlp.c_fc.weight":
-            _Entry((f, d), ((layer.mlp.fc1.kernel, _transpose),)),
-        f"{p}mlp.c_fc.bias": _Entry((f,), ((layer.mlp.fc1.bias, _ident),)),
-        f"{p}mlp.c_proj.weight":
-            _Entry((d, f), ((layer.mlp.fc2.kernel, _transpose),)),
-        f"{p}mlp.c_proj.bias": _Entry((d,), ((layer.mlp.fc2.bias, _ident),)),
-    })
-    for n, norm in ((1, layer.attention_norm), (2, layer.mlp_norm)):
-      entries[f"{p}ln_{n}.weight"] = _Entry((d,), ((norm.scale, _ident),))
-      entries[f"{p}ln_{n}.bias"] = _Entry((d,), ((norm.bias, _ident),))
+    entries.update(open_clip_layer_entries(
+        layer, f"transformer.resblocks.{i}.", d, f, cfg.num_heads))
   if model.projection is not None:
-    entries["text_projection"] = _Entry(
+    entries["text_projection"] = Entry(
         (d, cfg.projection_dim), ((model.projection.kernel, _ident),))
   return entries
 
@@ -199,7 +217,7 @@ def resolve_weights_file(path: PathLike) -> pathlib.Path:
   return path
 
 
-class _TensorSource:
+class TensorSource:
   """Names and shapes of a checkpoint's tensors, each read on demand."""
 
   def __init__(self, file: pathlib.Path):
@@ -239,7 +257,7 @@ class _TensorSource:
     return self._arrays[key]
 
 
-def _detect_layout(source: _TensorSource) -> str:
+def detect_layout(source: TensorSource) -> str:
   names = source.names
   if any(n.startswith("text_model.") for n in names):
     return "hf"
@@ -260,47 +278,28 @@ def _is_float(dtype: np.dtype) -> bool:
   return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
-def load_clip_text_weights(model: clip.CLIPTextTransformer, path: PathLike
-                           ) -> clip.CLIPTextTransformer:
-  """Loads a CLIP text tower checkpoint into `model`, in place.
+def is_ignored(layout: str, name: str) -> bool:
+  """Whether a full CLIP checkpoint's tensor is not the text tower's."""
+  if layout == "hf":
+    return name.startswith(_HF_IGNORED_PREFIXES) or name in _HF_IGNORED_KEYS
+  return (name.startswith(_OPEN_CLIP_IGNORED_PREFIXES)
+          or name in _OPEN_CLIP_IGNORED_KEYS or name.endswith(".attn_mask"))
 
-  The layout is recognised from the names: Hugging Face
-  (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...) or OpenCLIP
-  (`transformer.resblocks.N.attn.in_proj_weight`, ...). Every tensor is
-  accounted for: the vision tower, the logit scale and buffers are skipped,
-  and `text_projection` is skipped unless the model has a projection;
-  anything else unexpected, anything missing and every shape that does not
-  fit is named in one error before any weight is read. Tensors are then
-  read, converted and placed one at a time (cast to each parameter's dtype,
-  keeping its sharding), so `model` may be abstract (`nnx.eval_shape`).
 
-  Args:
-    model: the module to fill.
-    path: a weights file (`.safetensors`, a sharded `*.index.json`, or a
-      torch `.bin`/`.pt`/`.pth` state dict) or a directory holding one of
-      model.safetensors(.index.json), open_clip_model.safetensors,
-      open_clip_pytorch_model.bin or pytorch_model.bin.
+def fill(source: TensorSource, entries: Mapping[str, Entry],
+         ignored: Callable[[str], bool], what: str) -> None:
+  """Checks `source` against `entries`, then fills their parameters.
 
-  Returns:
-    `model`, for chaining.
+  Every tensor is accounted for: anything missing, anything unexpected
+  (not an entry and not `ignored`) and every shape that does not fit is
+  named in one error before any weight is read. Tensors are then read,
+  converted and placed one at a time (cast to each parameter's dtype,
+  keeping its sharding), so the model may be abstract (`nnx.eval_shape`).
 
   Raises:
-    FileNotFoundError: no checkpoint at `path`.
-    ValueError: an unreadable file, an unknown layout, or missing /
-      unexpected / mis-shaped / non-float tensors, each named.
+    ValueError: naming `what`, the file and every problem.
   """
-  file = resolve_weights_file(path)
-  source = _TensorSource(file)
-  layout = _detect_layout(source)
-  if layout == "hf":
-    entries = _hf_entries(model)
-    ignored = lambda n: (n.startswith(_HF_IGNORED_PREFIXES)
-                         or n in _HF_IGNORED_KEYS)
-  else:
-    entries = _open_clip_entries(model)
-    ignored = lambda n: (n.startswith(_OPEN_CLIP_IGNORED_PREFIXES)
-                         or n in _OPEN_CLIP_IGNORED_KEYS)
-
+  file = source.file
   missing = sorted(n for n in entries if n not in source.names)
   unexpected = sorted(n for n in source.names
                       if n not in entries and not ignored(n))
@@ -317,8 +316,8 @@ def load_clip_text_weights(model: clip.CLIPTextTransformer, path: PathLike
       problems.append(f"shape mismatch for {name!r}: checkpoint {shape}, "
                       f"expected {entry.shape} for this config")
   if problems:
-    raise ValueError(f"Cannot load CLIP ({layout}) text weights from "
-                     f"{file}: " + "; ".join(problems))
+    raise ValueError(f"Cannot load {what} from {file}: "
+                     + "; ".join(problems))
 
   for name, entry in entries.items():
     value = np.asarray(source.get(name))
@@ -332,4 +331,43 @@ def load_clip_text_weights(model: clip.CLIPTextTransformer, path: PathLike
       new = jnp.asarray(convert(value), dtype=current.dtype)
       placement = getattr(current, "sharding", None)
       param.set_value(jax.device_put(new, placement) if placement else new)
+
+
+def text_entries(model: clip.CLIPTextTransformer, layout: str
+                 ) -> dict[str, Entry]:
+  """The text tower's tensors in `layout` ("hf" or "open_clip")."""
+  return _hf_entries(model) if layout == "hf" else _open_clip_entries(model)
+
+
+def load_clip_text_weights(model: clip.CLIPTextTransformer, path: PathLike
+                           ) -> clip.CLIPTextTransformer:
+  """Loads a CLIP text tower checkpoint into `model`, in place.
+
+  The layout is recognised from the names: Hugging Face
+  (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...) or OpenCLIP
+  / OpenAI (`transformer.resblocks.N.attn.in_proj_weight`, ...; OpenAI's
+  TorchScript archives included). The vision tower, the logit scale and
+  buffers are skipped, and `text_projection` is skipped unless the model
+  has a projection; everything else is checked and filled by `fill`.
+
+  Args:
+    model: the module to fill.
+    path: a weights file (`.safetensors`, a sharded `*.index.json`, or a
+      torch `.bin`/`.pt`/`.pth` state dict or TorchScript archive) or a
+      directory holding one of model.safetensors(.index.json),
+      open_clip_model.safetensors, open_clip_pytorch_model.bin or
+      pytorch_model.bin.
+
+  Returns:
+    `model`, for chaining.
+
+  Raises:
+    FileNotFoundError: no checkpoint at `path`.
+    ValueError: an unreadable file, an unknown layout, or missing /
+      unexpected / mis-shaped / non-float tensors, each named.
+  """
+  source = TensorSource(resolve_weights_file(path))
+  layout = detect_layout(source)
+  fill(source, text_entries(model, layout),
+       lambda n: is_ignored(layout, n), f"CLIP ({layout}) text weights")
   return model
