@@ -18,8 +18,9 @@ BENCH_TEXT_OUT ?= benchmarks/results/text_encoder_cpu.jsonl
 BENCH_SUPERRES_OUT ?= benchmarks/results/superres_cpu.jsonl
 BENCH_INPUT_OUT ?= benchmarks/results/input_cpu.jsonl
 BENCH_FID_OUT ?= benchmarks/results/fid_cpu.jsonl
+BENCH_CLIP_OUT ?= benchmarks/results/clip_cpu.jsonl
 
-.PHONY: demo test test-data install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input bench-fid clean
+.PHONY: demo test test-data install install-dev bench bench-tokenizer bench-text-encoder bench-superres bench-input bench-fid bench-clip clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,8 @@ $(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
 	$(PEERS_PY) -m pip install -q -r benchmarks/peers/requirements.txt
 	$(PEERS_PY) -m pip install -q --no-deps muse-maskgit-pytorch==0.3.5
 	$(PEERS_PY) -m pip install -q --no-deps pytorch-fid==0.3.0 torchvision==0.28.0
+	$(PEERS_PY) -m pip install -q --no-deps open_clip_torch==3.3.0 timm==1.0.31 \
+	    ftfy==6.3.1 wcwidth==0.9.4 clip-anytorch==2.6.0
 	touch $@
 
 ## Ours vs diffusers' aMUSEd and lucidrains' muse-maskgit-pytorch on this CPU,
@@ -94,6 +97,12 @@ bench-superres: install $(PEERS_VENV)/.installed
 bench-fid: install $(PEERS_VENV)/.installed
 	$(PY) -m benchmarks.fid_inception --peers_python=$(PEERS_PY) \
 	    --out=$(BENCH_FID_OUT)
+
+## Issue 17: CLIP score's towers (ViT-L/14), ours vs open_clip's, images/s
+## and captions/s on this CPU, one run; JSON lines.
+bench-clip: install $(PEERS_VENV)/.installed
+	$(PY) -m benchmarks.clip_score --peers_python=$(PEERS_PY) \
+	    --out=$(BENCH_CLIP_OUT)
 
 ## Issue 16: images/s streamed from tar shards (grain workers) and
 ## pre-tokenised.

@@ -162,6 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       clip_path="",
       clip_model="ViT-L-14-quickgelu",  # Or a JSON file of CLIPArch fields.
       clip_tokenizer="",  # "" = OpenAI's BPE inside open_clip/clip-anytorch.
+      clip_dtype="float32",  # float32 + plain: the reference numbers;
+      clip_impl="plain",  # bfloat16 + xla_cpu: 2.3x faster on AMX CPUs.
   ))
 
   common.mesh_and_rules(c)

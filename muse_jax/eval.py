@@ -65,6 +65,12 @@ _CLIP_MODEL = flags.DEFINE_string(
 _CLIP_TOKENIZER = flags.DEFINE_string(
     "clip_tokenizer", "", "CLIP BPE (bpe_simple_vocab_16e6.txt.gz or a HF "
     "tokenizer.json); default: the one inside open_clip or clip-anytorch.")
+_CLIP_DTYPE = flags.DEFINE_enum(
+    "clip_dtype", "float32", ["float32", "bfloat16"],
+    "CLIP compute dtype (float32: the reference numbers).")
+_CLIP_IMPL = flags.DEFINE_enum(
+    "clip_impl", "plain", ["plain", "xla_cpu"],
+    "CLIP layer implementation (xla_cpu: faster on CPUs, same function).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Images per sampling call.")
 
@@ -117,7 +123,8 @@ def main(argv):
     from muse_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
     scorer_config = clip_score.ScorerConfig(
         _CLIP_PATH.value, _CLIP_MODEL.value, _CLIP_TOKENIZER.value,
-        batch_size=_BATCH.value or 32)
+        batch_size=_BATCH.value or 32, dtype=_CLIP_DTYPE.value,
+        impl=_CLIP_IMPL.value)
     if not os.path.exists(_CLIP_PATH.value):  # Before any sampling.
       raise FileNotFoundError(clip_score.missing_weights_message(
           _CLIP_PATH.value, _CLIP_MODEL.value))

@@ -50,7 +50,8 @@ Run in the peers venv (torch CPU build) with open_clip and clip-anytorch:
 
 open_clip imports torchvision's transforms; torchvision's compiled
 operators do not load beside torch's CPU build, so its fake-op
-registrations are skipped (`_import_open_clip`): nothing here uses them.
+registrations are skipped (benchmarks/peers/open_clip_models.py): nothing
+here uses them.
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ import json
 import os
 import sys
 import tempfile
-import types
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.peers import open_clip_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from make_inception_golden import make_images  # pylint: disable=g-import-not-at-top,wrong-import-position
 from muse_jax.evaluation import clip_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "clip_score_golden.npz")
@@ -107,27 +110,6 @@ FULL = {"b32_full": ("ViT-B-32-quickgelu", 4),
         "l14_full": ("ViT-L-14-quickgelu", 5)}
 
 
-def _import_open_clip():
-  sys.modules.setdefault(
-      "torchvision._meta_registrations",
-      types.ModuleType("torchvision._meta_registrations"))
-  import open_clip  # pylint: disable=g-import-not-at-top
-  return open_clip
-
-
-def make_images(seed: int, n: int, h: int, w: int) -> np.ndarray:
-  """Smooth random images (blurred noise, stretched to 0..255)."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    base = ndimage.gaussian_filter(rng.uniform(0, 255, (h, w, 3)),
-                                   sigma=(1 + i % 3, 1 + i % 3, 0))
-    base = (base - base.min()) / (np.ptp(base) + 1e-6) * 255
-    out.append(np.clip(base, 0, 255).round().astype(np.uint8))
-  return np.stack(out)
-
-
 def image_batch(pixels: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
   """The 8 images the models embed: the three sets, in order."""
   return np.concatenate([pixels[s] for s in IMAGE_SIZES])
@@ -146,25 +128,6 @@ def tiny_ids(open_clip) -> np.ndarray:
   if tokenizer.vocab_size != TINY.vocab_size:
     raise SystemExit(f"tiny vocabulary has {tokenizer.vocab_size} tokens")
   return tokenizer(list(CAPTIONS)).numpy()
-
-
-def open_clip_model(open_clip, arch: clip_layout.CLIPArch, seed: int):
-  import torch  # pylint: disable=g-import-not-at-top
-  model = open_clip.model.CLIP(
-      embed_dim=arch.embed_dim,
-      vision_cfg=open_clip.model.CLIPVisionCfg(
-          layers=arch.vision_layers, width=arch.vision_width,
-          patch_size=arch.patch_size, image_size=arch.image_size,
-          head_width=arch.vision_head_width),
-      text_cfg=open_clip.model.CLIPTextCfg(
-          context_length=arch.context_length, vocab_size=arch.vocab_size,
-          width=arch.text_width, heads=arch.text_heads,
-          layers=arch.text_layers),
-      quick_gelu=arch.quick_gelu)
-  sd = {k: torch.from_numpy(v)
-        for k, v in clip_layout.random_state_dict(arch, seed).items()}
-  model.load_state_dict(sd, strict=True)
-  return model.eval(), sd
 
 
 def features(model, pixels: np.ndarray, ids: np.ndarray):
@@ -287,7 +250,7 @@ def main():
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  open_clip = _import_open_clip()
+  open_clip = open_clip_models.import_open_clip()
   from PIL import Image  # pylint: disable=g-import-not-at-top
   torch.set_grad_enabled(False)
 
@@ -314,7 +277,7 @@ def main():
   out["ids_full"] = ids_full.astype(np.int32)
 
   for name, (arch, seed) in MODELS.items():
-    model, sd = open_clip_model(open_clip, arch, seed)
+    model, sd = open_clip_models.model(open_clip, arch, seed)
     ids = tiny_ids(open_clip) if name == "tiny" else ids_full
     image_f, text_f = features(model, image_batch(pixels[arch.image_size]),
                                ids)
@@ -329,7 +292,7 @@ def main():
                                 os.path.join(args.tiny_dir, "openai_jit.pt"))
       # That file's weights (float16 where OpenAI's are), run in float32
       # by open_clip.
-      model16, _ = open_clip_model(open_clip, arch, seed)
+      model16, _ = open_clip_models.model(open_clip, arch, seed)
       model16.load_state_dict(stored)
       image_f, text_f = features(model16, image_batch(pixels[32]), ids)
       out["tiny/fp16_image_features"] = image_f
@@ -357,7 +320,7 @@ def main():
     full = {}
     for name, (arch_name, seed) in FULL.items():
       arch = clip_layout.ARCHS[arch_name]
-      model, _ = open_clip_model(open_clip, arch, seed)
+      model, _ = open_clip_models.model(open_clip, arch, seed)
       image_f, text_f = features(model, image_batch(pixels[224]), ids_full)
       full.update({f"{name}/image_features": image_f,
                    f"{name}/text_features": text_f,

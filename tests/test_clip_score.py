@@ -154,6 +154,25 @@ def test_full_vocabulary_tokens_match_open_clip(golden):
   np.testing.assert_array_equal(ids, golden["ids_full"])
 
 
+def test_xla_cpu_impl_equals_plain(golden):
+  """The CPU speed switch computes the same function (float32), and in
+  bfloat16 stays close to it."""
+  arch = clip_layout.arch(TINY_ARCH)
+  pixels, ids = _pixels(golden, 32), golden["tiny/ids"]
+  out = {}
+  for impl, dtype in (("plain", "float32"), ("xla_cpu", "float32"),
+                      ("xla_cpu", "bfloat16")):
+    with nnx.use_eager_sharding(False):
+      model = nnx.eval_shape(lambda: clip_score.CLIPModel(
+          arch, rngs=nnx.Rngs(0), dtype=dtype, impl=impl))  # pylint: disable=cell-var-from-loop
+    out[impl, dtype] = _features(clip_score.load_weights(model, TINY_JIT),
+                                 pixels, ids)
+  for ours, ref in zip(out["xla_cpu", "float32"], out["plain", "float32"]):
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+  for ours, ref in zip(out["xla_cpu", "bfloat16"], out["plain", "float32"]):
+    assert np.min(clip_score.cosine(ours, ref)) > 0.99
+
+
 def test_missing_weights_name_the_standard_file_and_flag(tmp_path):
   missing = str(tmp_path / "ViT-L-14.pt")
   with pytest.raises(FileNotFoundError) as e:

@@ -59,11 +59,13 @@ class CLIPVisionConfig:
   projection_dim: int = 512
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  impl: str = "plain"  # Or "xla_cpu": see `clip.CLIPTextConfig.impl`.
 
   def __post_init__(self):
     if self.hidden_act not in clip.ACTIVATIONS:
       raise ValueError(f"CLIP hidden_act={self.hidden_act!r} is not one of "
                        f"{sorted(clip.ACTIVATIONS)}")
+    layers.check_impl("CLIP impl", self.impl)
     if self.image_size % self.patch_size:
       raise ValueError(f"CLIP image_size={self.image_size} is not a "
                        f"multiple of patch_size={self.patch_size}")
@@ -87,10 +89,11 @@ class CLIPVisionTransformer(nnx.Module):
   def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs):
     self.config = config
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    mm = dict(kw, impl=config.impl)
     d, p = config.hidden_size, config.patch_size
     self.patch_embed = layers.Einsum(
         "bhwpqc,pqcd->bhwd", (p, p, 3, d), (None, None, None, "embed"),
-        fan_in_ndim=3, **kw)
+        fan_in_ndim=3, **mm)
     init = nnx.initializers.normal(d**-0.5)
     self.class_embed = nnx.Param(nnx.with_partitioning(init, ("embed",))(
         rngs.params(), (d,), config.param_dtype))
@@ -99,10 +102,11 @@ class CLIPVisionTransformer(nnx.Module):
             rngs.params(), (config.grid**2 + 1, d), config.param_dtype))
     self.pre_norm = layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
     self.layers = nnx.List(
-        [clip.CLIPLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        [clip.CLIPLayer(config, rngs=rngs, masked=False)
+         for _ in range(config.num_layers)])
     self.post_norm = layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
     self.projection = layers.Einsum("bd,dp->bp", (d, config.projection_dim),
-                                    ("embed", "text_embed"), **kw)
+                                    ("embed", "text_embed"), **mm)
 
   def __call__(self, pixels: jax.Array) -> CLIPVisionOutputs:
     """pixels: CLIP-normalised float [B, S, S, 3], S = image_size."""
@@ -120,7 +124,7 @@ class CLIPVisionTransformer(nnx.Module):
     x = x + self.position_embed[...].astype(jnp.float32)[None]
     x = self.pre_norm(x).astype(jnp.float32)
     for layer in self.layers:
-      x = layer(x, None)
+      x = layer(x, None)  # Bidirectional: no mask.
     pooled = self.post_norm(x[:, 0]).astype(jnp.float32)
     return CLIPVisionOutputs(pooled,
                              self.projection(pooled).astype(jnp.float32))

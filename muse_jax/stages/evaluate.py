@@ -62,12 +62,13 @@ def sampler_config(config) -> sampling.SamplerConfig:
 
 def clip_scorer_config(config) -> clip_score.ScorerConfig:
   """The CLIP-score settings of `config.eval` (clip_path, clip_model,
-  clip_tokenizer; the batch is eval.batch_size)."""
+  clip_tokenizer, clip_dtype, clip_impl; the batch is eval.batch_size)."""
   e = config.eval
   return clip_score.ScorerConfig(
       path=e.get("clip_path", ""),
       model=e.get("clip_model", clip_score.ScorerConfig.model),
-      tokenizer_path=e.get("clip_tokenizer", ""), batch_size=e.batch_size)
+      tokenizer_path=e.get("clip_tokenizer", ""), batch_size=e.batch_size,
+      dtype=e.get("clip_dtype", "float32"), impl=e.get("clip_impl", "plain"))
 
 
 def sr_sampler_config(config) -> sampling.SamplerConfig:

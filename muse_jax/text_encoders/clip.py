@@ -132,6 +132,9 @@ class CLIPTextConfig:
     dtype: compute dtype of the matmuls; LayerNorm, softmax and the
       residual stream stay float32.
     param_dtype: storage dtype of the weights.
+    impl: "plain" (ordinary JAX, for TPU/GPU) or "xla_cpu" (the layers'
+      products through `models.cpu_kernels`, faster on XLA:CPU; the same
+      function, the same parameters).
   """
 
   vocab_size: int = 49408
@@ -146,11 +149,13 @@ class CLIPTextConfig:
   projection_dim: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  impl: str = "plain"
 
   def __post_init__(self):
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"CLIP hidden_act={self.hidden_act!r} is not one of "
                        f"{sorted(ACTIVATIONS)}")
+    layers.check_impl("CLIP impl", self.impl)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"CLIP hidden_size={self.hidden_size} is not "
                        f"divisible by num_heads={self.num_heads}")
@@ -282,7 +287,7 @@ class CLIPMlp(nnx.Module):
 
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, use_bias=True, dtype=config.dtype,
-              param_dtype=config.param_dtype)
+              param_dtype=config.param_dtype, impl=config.impl)
     d, f = config.hidden_size, config.mlp_dim
     self.activation = config.hidden_act
     self.fc1 = layers.Einsum("...d,df->...f", (d, f), ("embed", "mlp"), **kw)
@@ -293,22 +298,35 @@ class CLIPMlp(nnx.Module):
 
 
 class CLIPLayer(nnx.Module):
-  """One pre-LayerNorm layer: x += Attn(LN1(x)); x += Mlp(LN2(x))."""
+  """One pre-LayerNorm layer: x += Attn(LN1(x)); x += Mlp(LN2(x)).
 
-  def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
+  `config` is a `CLIPTextConfig` or anything with its size, dtype and impl
+  fields (the image tower's `CLIPVisionConfig`). Called with a mask
+  (causal and padding, the text tower) the attention core is
+  `jax.nn.dot_product_attention`; without one (the image tower) it is the
+  shared block's own, `config.impl`'s.
+  """
+
+  def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs,
+               masked: bool = True):
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     d = config.hidden_size
     self.attention_norm = layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
-    # Only the projections of the shared block are used: the attention core
-    # below takes a [B, 1, T, S] mask (causal and padding), which
-    # `layers.Attention.__call__` (key-validity masks only) does not.
-    self.attention = layers.Attention(d, config.num_heads, use_bias=True,
-                                      **kw)
+    # A masked layer uses only the projections of the shared block: its
+    # core takes a [B, 1, T, S] mask (causal and padding), which
+    # `layers.Attention.__call__` (key-validity masks only) does not; that
+    # core wants [B, T, H, K] keys, the plain attention impl's layout.
+    self.attention = layers.Attention(
+        d, config.num_heads, use_bias=True,
+        impl="plain" if masked else config.impl, matmul_impl=config.impl,
+        **kw)
     self.mlp_norm = layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
     self.mlp = CLIPMlp(config, rngs=rngs)
 
-  def _attend(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def _attend(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     attn = self.attention
+    if mask is None:
+      return attn(x)
     q = attn.query(x)  # [B, T, H, K], in the compute dtype.
     k, v = attn.kv(x)
     # Float32 scores and softmax (jax.nn.dot_product_attention promotes).
@@ -316,8 +334,9 @@ class CLIPLayer(nnx.Module):
                                        v.astype(q.dtype), mask=mask)
     return attn.out(out)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x float32 [B, T, D] (the residual stream); mask bool [B|1, 1, T, T]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x float32 [B, T, D] (the residual stream); mask bool [B|1, 1, T, T]
+    or None (every position attends every other)."""
     x = x + self._attend(self.attention_norm(x), mask).astype(jnp.float32)
     return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
@@ -339,7 +358,7 @@ class CLIPTextTransformer(nnx.Module):
     self.final_norm = layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
     self.projection = None if config.projection_dim is None else (
         layers.Einsum("bd,dp->bp", (d, config.projection_dim),
-                      ("embed", "text_embed"), **kw))
+                      ("embed", "text_embed"), impl=config.impl, **kw))
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None
                ) -> CLIPTextOutputs:

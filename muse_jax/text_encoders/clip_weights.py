@@ -68,15 +68,21 @@ def _norm_entries(name_w: str, name_b: str, norm, d: int
           name_b: Entry((d,), ((norm.bias, _ident),))}
 
 
+def _attention_converters(d: int, heads: int
+                          ) -> tuple[_Convert, _Convert, _Convert]:
+  """torch Linear [out, in] -> our q/k/v kernels [D, H, K], biases [H, K]
+  and output kernel [H, K, D]."""
+  head_dim = d // heads
+  return (lambda a: a.T.reshape(d, heads, head_dim),
+          lambda a: a.reshape(heads, head_dim),
+          lambda a: a.T.reshape(heads, head_dim, d))
+
+
 def hf_layer_entries(layer: clip.CLIPLayer, prefix: str, d: int, f: int,
                      heads: int) -> dict[str, Entry]:
   """One transformer layer in HF's layout (`...layers.N.` = `prefix`):
   separate q/k/v/out projections, fc1/fc2, layer_norm1/2."""
-  head_dim = d // heads
-  # torch Linear stores [out, in]; our Einsum kernels are [in, ...out].
-  qkv_kernel = lambda a: a.T.reshape(d, heads, head_dim)
-  qkv_bias = lambda a: a.reshape(heads, head_dim)
-  out_kernel = lambda a: a.T.reshape(heads, head_dim, d)
+  qkv_kernel, qkv_bias, out_kernel = _attention_converters(d, heads)
   attn = layer.attention
   entries = {}
   for name, proj in (("q", attn.query), ("k", attn.key), ("v", attn.value)):
@@ -111,10 +117,7 @@ def open_clip_layer_entries(layer: clip.CLIPLayer, prefix: str, d: int,
   torch-layout weights (rows q, then k, then v), `in_proj_bias` [3D] their
   biases.
   """
-  head_dim = d // heads
-  qkv_kernel = lambda a: a.T.reshape(d, heads, head_dim)
-  qkv_bias = lambda a: a.reshape(heads, head_dim)
-  out_kernel = lambda a: a.T.reshape(heads, head_dim, d)
+  qkv_kernel, qkv_bias, out_kernel = _attention_converters(d, heads)
   part = lambda i, conv: (lambda a: conv(a[i * d:(i + 1) * d]))
   attn = layer.attention
   projs = (attn.query, attn.key, attn.value)
